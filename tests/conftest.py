@@ -1,0 +1,47 @@
+"""Shared fixtures: the tiny model is built once per session into a temporary cache folder."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+
+from zimage.engine import Engine  # noqa: E402
+from zimage.settings import Settings  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """The tiny model's cache for this session (and for app subprocesses, via --cache-dir)."""
+    from zimage import tiny
+
+    folder = tmp_path_factory.mktemp("zimage-cache")
+    tiny.ensure_tiny_model(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_settings(cache_dir) -> Settings:
+    return Settings(model="tiny", device="cpu", cache_dir=cache_dir, oom_fatal_count=100)
+
+
+@pytest.fixture(scope="session")
+def shared_engine(tiny_settings) -> Engine:
+    """One ready engine for tests that only generate (no fault injection, no state changes)."""
+    engine = Engine.create(tiny_settings)
+    engine.mark_ready()
+    return engine
+
+
+@pytest.fixture
+def make_engine(tiny_settings):
+    """A fresh ready engine, for tests that inject faults or change engine state."""
+
+    def make(**changes) -> Engine:
+        engine = Engine.create(tiny_settings.replace(**changes))
+        engine.mark_ready()
+        return engine
+
+    return make

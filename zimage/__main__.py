@@ -1,0 +1,62 @@
+"""Generate images from the command line, without the web app.
+
+    python -m zimage "a red circle on a blue background" --model tiny -o red-circle.png
+
+Takes every service flag (--model, --device, ...; see `python app.py --help`) plus the request fields below.
+With n > 1 the files are named <stem>-<seed>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .engine import Engine
+from .images import save_png
+from .presets import ASPECTS, DEFAULT_ASPECT, DEFAULT_TIER, TIERS
+from .request import EngineError, GenerationRequest
+from .settings import Settings, SettingsError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m zimage", description=__doc__.split("\n\n")[0], add_help=False)
+    parser.add_argument("prompt")
+    parser.add_argument("-o", "--out", default="zimage.png", help="PNG file to write")
+    parser.add_argument("--preset", default=DEFAULT_TIER, help=f"one of {', '.join(TIERS)}")
+    parser.add_argument("--aspect", default=DEFAULT_ASPECT, help=f"one of {', '.join(ASPECTS)}")
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--height", type=int)
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("-n", type=int, default=1)
+    args, rest = parser.parse_known_args(argv)
+    try:
+        settings = Settings.load(rest)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        engine = Engine.create(settings)
+        engine.mark_ready()
+        result = engine.generate(GenerationRequest(prompt=args.prompt, preset=args.preset, aspect=args.aspect,
+                                                   width=args.width, height=args.height, steps=args.steps,
+                                                   seed=args.seed, n=args.n))
+    except (EngineError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    out = Path(args.out)
+    for image, seed in zip(result.images, result.seeds):
+        path = out if len(result.images) == 1 else out.with_name(f"{out.stem}-{seed}{out.suffix}")
+        save_png(image, path, result, seed, engine.settings.model)
+        print(f"{path}  seed={seed}  {result.width}x{result.height}  steps={result.steps}  "
+              f"{result.timings['total']:.2f}s")
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

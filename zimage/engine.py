@@ -1,0 +1,351 @@
+"""The engine: prompt in, images out, one generation at a time per GPU, memory given back after each.
+
+It knows the model and the GPU and nothing of Gradio or HTTP. Front ends call `generate()` from any
+thread; a lock serialises the GPU work. Each request runs three stages through the real diffusers
+`ZImagePipeline` -- text encode (`encode_prompt`, cached for repeated prompts), denoise (the pipeline
+with `output_type="latent"`), VAE decode -- so each stage is timed and has its own out-of-memory retry:
+
+    stage fails with torch.OutOfMemoryError
+      -> log "oom handled", free memory, retry once with a lower-memory plan
+         (decode: tiled VAE; encode/denoise: text encoder moved off the GPU)
+      -> fails again: OutOfMemory with the size, free/total memory and a smaller preset to try.
+
+Log lines the supervision monitor reads (keep them stable):
+    "oom handled stage=<stage> ..."   an OOM that the engine recovered from or reported to the caller
+    "fatal: <reason>"                 the process should be restarted (CUDA error, or too many OOMs)
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import PIL.Image
+import torch
+
+from . import loading, memory, presets, speed
+from .request import (EngineUnavailable, GenerationCancelled, GenerationRequest, GenerationResult, Job,
+                      OutOfMemory, RequestError, resolve)
+from .settings import Settings
+
+log = logging.getLogger("zimage.engine")
+
+MAX_SEQUENCE_LENGTH = 512  # text encoder tokens the pipeline reads; longer prompts are truncated
+
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass
+class EngineStats:
+    """Counters front ends export (the engine does not know about Prometheus)."""
+
+    oom: collections.Counter = field(default_factory=collections.Counter)  # handled / failed / fatal
+    cancelled: int = 0
+    completed: int = 0
+    failed: int = 0
+    inflight: int = 0
+    last_peak_vram_bytes: int | None = None
+
+
+class Engine:
+    """Owns the pipeline. States: loading -> warming -> ready; 'failed' if loading failed, 'fatal' after a
+    fatal error (then it refuses work until the process is restarted)."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.device = settings.torch_device()
+        self.dtype = settings.torch_dtype()
+        self.state = "loading"
+        self.state_detail = ""
+        self.pipe = None
+        self.placement: memory.Placement | None = None
+        self.attention_backend = "native"
+        self.fp8 = False
+        self.compiled = False
+        self.warm_shapes: list[dict] = []
+        self.stats = EngineStats()
+        self._gpu_lock = threading.Lock()
+        self._embed_cache: collections.OrderedDict[str, list[torch.Tensor]] = collections.OrderedDict()
+        self._oom_times: collections.deque[float] = collections.deque()
+        # Cache release after every request (gc + empty_cache). Off only to measure what it costs.
+        self.release_after_request = True
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, settings: Settings) -> "Engine":
+        """Load and configure in one call (tests, CLI one-liners, benchmarks)."""
+        engine = cls(settings)
+        engine.load()
+        return engine
+
+    def load(self, pipe=None) -> None:
+        """Load the model (or adopt `pipe`), place it, apply the speed switches. Raises on failure."""
+        if self.device.startswith("cuda"):
+            memory.configure_allocator()
+        try:
+            pipe = pipe if pipe is not None else loading.load_pipeline(self.settings)
+            pipe.set_progress_bar_config(disable=True)
+            profile = memory.resolve_profile(self.settings.memory_profile, self.device)
+            self.placement = memory.Placement(pipe, self.device, profile)
+            self.placement.place()
+            self.attention_backend = speed.choose_attention_backend(self.settings.attention, self.device)
+            speed.apply_attention_backend(pipe.transformer, self.attention_backend)
+            self.fp8 = speed.fp8_wanted(self.settings.fp8, self.device)
+            if self.fp8:
+                n = speed.quantize_fp8(pipe.transformer)
+                log.info("fp8 rowwise weights on %d transformer linears", n)
+            if self.settings.compile_enabled():
+                speed.compile_transformer(pipe.transformer)
+                self.compiled = True
+            self.pipe = pipe
+        except Exception as exc:
+            self.state, self.state_detail = "failed", str(exc)
+            raise
+        self.state = "warming"
+        log.info("engine loaded: %s", self.describe())
+
+    def mark_ready(self, warm_shapes: list[dict] | None = None) -> None:
+        if self.state == "warming":
+            self.warm_shapes = list(warm_shapes or [])
+            self.state = "ready"
+            log.info("engine ready")
+
+    def describe(self) -> dict:
+        return {
+            "model": self.settings.model,
+            "model_description": loading.describe(self.settings.model),
+            "device": self.device,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "attention": self.attention_backend,
+            "compiled": self.compiled,
+            "fp8": self.fp8,
+            "memory_profile": self.placement.profile if self.placement else None,
+        }
+
+    # ---- requests --------------------------------------------------------------------------------
+    def resolve(self, request: GenerationRequest) -> Job:
+        """Validate a request (RequestError on mistakes) and add engine-specific warnings."""
+        job = resolve(request)
+        if self.pipe is not None:
+            n_tokens = self.count_prompt_tokens(job.prompt)
+            if n_tokens > MAX_SEQUENCE_LENGTH:
+                job = Job(**{**job.__dict__, "warnings": job.warnings + (
+                    f"prompt is {n_tokens} tokens; only the first {MAX_SEQUENCE_LENGTH} were used",)})
+        return job
+
+    def count_prompt_tokens(self, prompt: str) -> int:
+        tok = self.pipe.tokenizer
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                       add_generation_prompt=True, enable_thinking=True)
+        return len(tok(text, add_special_tokens=False).input_ids)
+
+    def generate(self, request: GenerationRequest | Job, *, on_progress: ProgressFn | None = None,
+                 cancel: threading.Event | None = None, allow_warming: bool = False) -> GenerationResult:
+        """Run one request. Thread-safe; concurrent callers wait for the GPU in turn.
+
+        Raises RequestError (bad input), GenerationCancelled, OutOfMemory, EngineUnavailable.
+        """
+        self._check_available(allow_warming)
+        job = request if isinstance(request, Job) else self.resolve(request)
+        with self._gpu_lock:
+            self._check_available(allow_warming)
+            self.stats.inflight += 1
+            started = time.perf_counter()
+            try:
+                result = self._run(job, on_progress or (lambda done, total: None), cancel or threading.Event())
+                self.stats.completed += 1
+                return result
+            except GenerationCancelled:
+                self.stats.cancelled += 1
+                raise
+            except Exception as exc:
+                self.stats.failed += 1
+                if _is_fatal_device_error(exc):
+                    self._fatal(f"device error: {str(exc).splitlines()[0][:200]}")
+                raise
+            finally:
+                self.stats.inflight -= 1
+                if self.release_after_request:
+                    memory.release_memory(self.device)
+                log.debug("request done in %.3fs", time.perf_counter() - started)
+
+    def _check_available(self, allow_warming: bool) -> None:
+        if self.state == "ready" or (allow_warming and self.state == "warming"):
+            return
+        if self.state == "warming":
+            raise EngineUnavailable("the model is warming up; try again in a few seconds")
+        if self.state == "loading":
+            raise EngineUnavailable("the model is still loading; try again shortly")
+        if self.state == "fatal":
+            raise EngineUnavailable(f"the engine stopped after a fatal error ({self.state_detail}) and waits to be "
+                                    "restarted; under supervisord that happens automatically")
+        raise EngineUnavailable(f"the model failed to load: {self.state_detail}")
+
+    # ---- the three stages ------------------------------------------------------------------------
+    def _run(self, job: Job, on_progress: ProgressFn, cancel: threading.Event) -> GenerationResult:
+        on_gpu = self.device.startswith("cuda")
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        timings = {"text_encode": 0.0, "denoise": 0.0, "decode": 0.0}
+        warnings, recoveries = list(job.warnings), []
+        total_steps = job.steps * len(job.seeds)
+        t_start = time.perf_counter()
+
+        def timed(stage: str, fn):
+            t0 = time.perf_counter()
+            out = fn()
+            self._sync()
+            timings[stage] += time.perf_counter() - t0
+            return out
+
+        def check_cancel():
+            if cancel.is_set():
+                raise GenerationCancelled("cancelled")
+
+        with torch.no_grad():
+            check_cancel()
+            embeds = timed("text_encode", lambda: self._with_oom_retry(
+                "text_encode", job, lambda: self._encode(job.prompt),
+                lambda: self._encode(job.prompt, shed=True), "text encoder on CPU", recoveries))
+            images = []
+            for index, seed in enumerate(job.seeds):
+                check_cancel()
+                offset = index * job.steps
+                latents = timed("denoise", lambda: self._with_oom_retry(
+                    "denoise", job, lambda: self._denoise(job, embeds, seed, offset, total_steps, on_progress, cancel),
+                    lambda: self._denoise(job, embeds, seed, offset, total_steps, on_progress, cancel, shed=True),
+                    "text encoder moved off the GPU", recoveries))
+                check_cancel()
+                if not bool(torch.isfinite(latents).all()):
+                    warnings.append(f"image {index + 1} (seed {seed}) has non-finite values; it will look wrong")
+                images.append(timed("decode", lambda: self._with_oom_retry(
+                    "decode", job, lambda: self._decode(latents, tiled=job.vae_tiling),
+                    lambda: self._decode(latents, tiled=True), "tiled VAE decode", recoveries)))
+                del latents
+        timings = {k: round(v, 4) for k, v in timings.items()}
+        timings["total"] = round(time.perf_counter() - t_start, 4)
+        peak = torch.cuda.max_memory_allocated(self.device) if on_gpu else None
+        self.stats.last_peak_vram_bytes = peak
+        warnings += [f"ran out of GPU memory in {r}; recovered" for r in recoveries]
+        return GenerationResult(images=images, seeds=list(job.seeds), prompt=job.prompt, preset=job.preset,
+                                width=job.width, height=job.height, steps=job.steps, timings=timings,
+                                peak_vram_bytes=peak, warnings=warnings, oom_retries=len(recoveries))
+
+    def _encode(self, prompt: str, shed: bool = False) -> list[torch.Tensor]:
+        cached = self._embed_cache.get(prompt)
+        if cached is not None:
+            self._embed_cache.move_to_end(prompt)
+            return cached
+        if shed:
+            self.placement.shed_text_encoder()
+        else:
+            self.placement.before_encode()
+        te_device = next(self.pipe.text_encoder.parameters()).device
+        embeds, _ = self.pipe.encode_prompt(prompt, device=te_device, do_classifier_free_guidance=False,
+                                            max_sequence_length=MAX_SEQUENCE_LENGTH)
+        embeds = [e.to(self.device) for e in embeds]
+        if self.settings.embed_cache > 0:
+            self._embed_cache[prompt] = embeds
+            while len(self._embed_cache) > self.settings.embed_cache:
+                self._embed_cache.popitem(last=False)
+        return embeds
+
+    def _denoise(self, job: Job, embeds, seed: int, offset: int, total: int, on_progress: ProgressFn,
+                 cancel: threading.Event, shed: bool = False) -> torch.Tensor:
+        if shed:
+            self.placement.shed_text_encoder()
+
+        def on_step_end(pipe, step, timestep, tensors):
+            on_progress(offset + step + 1, total)
+            if cancel.is_set():
+                pipe._interrupt = True  # diffusers skips the remaining steps
+            return tensors
+
+        # CPU generator: the same seed gives the same noise on any GPU or on CPU.
+        out = self.pipe(prompt_embeds=embeds, height=job.height, width=job.width, num_inference_steps=job.steps,
+                        guidance_scale=presets.GUIDANCE_SCALE, generator=torch.Generator("cpu").manual_seed(seed),
+                        output_type="latent", callback_on_step_end=on_step_end,
+                        max_sequence_length=MAX_SEQUENCE_LENGTH)
+        return out.images
+
+    def _decode(self, latents: torch.Tensor, tiled: bool) -> PIL.Image.Image:
+        vae = self.pipe.vae
+        scaled = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        if tiled:
+            vae.enable_tiling()
+        try:
+            decoded = vae.decode(scaled, return_dict=False)[0]
+        finally:
+            if tiled:
+                vae.disable_tiling()
+        # To uint8 on the device: 4x fewer bytes to copy than float32 (same formula as VaeImageProcessor).
+        pixels = ((decoded[0].float() * 0.5 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+        return PIL.Image.fromarray(np.ascontiguousarray(pixels.permute(1, 2, 0).cpu().numpy()))
+
+    # ---- out of memory, fatal errors -------------------------------------------------------------
+    def _with_oom_retry(self, stage: str, job: Job, run, fallback, fallback_label: str, recoveries: list):
+        try:
+            return run()
+        except torch.OutOfMemoryError:
+            self._note_oom("handled", stage, job, f"retry with {fallback_label}")
+        # Outside the except block: the traceback's frames (and their tensors) are gone before we retry.
+        memory.release_memory(self.device)
+        try:
+            result = fallback()
+        except torch.OutOfMemoryError:
+            self._note_oom("failed", stage, job, "giving up")
+            memory.release_memory(self.device)
+            raise OutOfMemory(self._oom_message(stage, job), stage) from None
+        recoveries.append(f"{stage} ({fallback_label})")
+        return result
+
+    def _note_oom(self, kind: str, stage: str, job: Job, action: str) -> None:
+        self.stats.oom[kind] += 1
+        free_total = memory.gpu_memory(self.device)
+        mem = (f" free={free_total[0] / memory.GIB:.1f}GiB total={free_total[1] / memory.GIB:.1f}GiB"
+               if free_total else "")
+        log.warning("oom handled stage=%s size=%dx%d steps=%d images=%d%s action=%s", stage, job.width, job.height,
+                    job.steps, len(job.seeds), mem, action)
+        if kind != "handled":
+            return  # the fatal window counts OOMs hit, not the retries that failed after them
+        now = time.monotonic()
+        self._oom_times.append(now)
+        while self._oom_times and now - self._oom_times[0] > self.settings.oom_fatal_window:
+            self._oom_times.popleft()
+        if len(self._oom_times) >= self.settings.oom_fatal_count:
+            self._fatal(f"{len(self._oom_times)} out-of-memory errors within {self.settings.oom_fatal_window:g}s",
+                        oom=True)
+
+    def _oom_message(self, stage: str, job: Job) -> str:
+        free_total = memory.gpu_memory(self.device)
+        mem = (f"{free_total[0] / memory.GIB:.1f} GiB free of {free_total[1] / memory.GIB:.1f} GiB"
+               if free_total else "memory exhausted")
+        smaller = [t for t in presets.TIERS.values() if t.area < job.width * job.height]
+        hint = (f"try the {smaller[-1].name} preset" if smaller else "try a smaller size")
+        if len(job.seeds) > 1:
+            hint += " or fewer images"
+        return (f"out of GPU memory in {stage} for {job.width}x{job.height} ({job.preset}) even after a "
+                f"lower-memory retry; {mem}. {hint[0].upper() + hint[1:]}.")
+
+    def _fatal(self, reason: str, oom: bool = False) -> None:
+        if self.state != "fatal":
+            if oom:
+                self.stats.oom["fatal"] += 1
+            self.state, self.state_detail = "fatal", reason
+            log.error("fatal: %s; this process should be restarted", reason)
+
+    def _sync(self) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize(self.device)
+
+
+def _is_fatal_device_error(exc: BaseException) -> bool:
+    """A CUDA error other than OOM leaves the context unusable (illegal address, ECC, launch failure)."""
+    if isinstance(exc, (torch.OutOfMemoryError, OutOfMemory, RequestError, GenerationCancelled)):
+        return False
+    return isinstance(exc, torch.AcceleratorError) or (isinstance(exc, RuntimeError) and "CUDA error" in str(exc))

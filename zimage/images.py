@@ -1,0 +1,123 @@
+"""Image files: metadata that other tools read, encoding for API responses, and atomic writes.
+
+PNGs carry an A1111-style `parameters` text chunk (prompt, then "Steps: 8, Sampler: ..., Seed: ...") that
+A1111, ComfyUI and civitai read, plus a `zimage` JSON chunk that this app reads back exactly.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import PIL.Image
+from PIL.PngImagePlugin import PngInfo
+
+SAMPLER = "Euler (flow matching, shift 3)"
+FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+# zlib level 1: ~3x faster than the default 6 on 1024² images for ~10 % larger files.
+PNG_COMPRESS_LEVEL = 1
+
+
+def metadata(result, seed: int, model: str) -> dict[str, Any]:
+    """What produced one image, enough to make it again."""
+    return {"prompt": result.prompt, "seed": seed, "steps": result.steps, "width": result.width,
+            "height": result.height, "preset": result.preset, "guidance_scale": 0.0, "sampler": SAMPLER,
+            "model": model}
+
+
+def parameters_text(meta: dict[str, Any]) -> str:
+    return (f"{meta['prompt']}\nSteps: {meta['steps']}, Sampler: {meta['sampler']}, CFG scale: "
+            f"{meta['guidance_scale']:g}, Seed: {meta['seed']}, Size: {meta['width']}x{meta['height']}, "
+            f"Model: {meta['model']}, Preset: {meta['preset']}")
+
+
+def png_bytes(image: PIL.Image.Image, meta: dict[str, Any] | None = None,
+              compress_level: int = PNG_COMPRESS_LEVEL) -> bytes:
+    info = None
+    if meta is not None:
+        info = PngInfo()
+        info.add_text("parameters", parameters_text(meta))  # PIL writes iTXt when the text is not Latin-1
+        info.add_text("zimage", json.dumps(meta, ensure_ascii=False))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info, compress_level=compress_level)
+    return buf.getvalue()
+
+
+def encode(image: PIL.Image.Image, fmt: str, meta: dict[str, Any] | None = None, quality: int = 90) -> bytes:
+    """Bytes of `image` as png (with metadata), jpeg or webp."""
+    if fmt == "png":
+        return png_bytes(image, meta)
+    buf = io.BytesIO()
+    kwargs = {"quality": quality}
+    if fmt == "webp":
+        kwargs["method"] = 0  # fastest encoder setting; quality is set by `quality`
+    image.save(buf, format=FORMATS[fmt], **kwargs)
+    return buf.getvalue()
+
+
+def write_atomic(path: Path, data: bytes) -> Path:
+    """Write via a temporary file in the same folder and rename: readers and crashes never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def save_png(image: PIL.Image.Image, path: Path, result, seed: int, model: str) -> Path:
+    return write_atomic(path, png_bytes(image, metadata(result, seed, model)))
+
+
+_PARAM_FIELD = re.compile(r"\s*([A-Za-z][A-Za-z0-9 ]*):\s*([^,]*)")
+
+
+def read_parameters(source: str | Path | bytes | PIL.Image.Image) -> dict[str, Any]:
+    """Generation parameters from a PNG made here (JSON chunk) or by an A1111-compatible tool.
+
+    Raises ValueError when the image carries no parameters."""
+    image = source if isinstance(source, PIL.Image.Image) else PIL.Image.open(
+        io.BytesIO(source) if isinstance(source, bytes) else source)
+    text = getattr(image, "text", None) or image.info
+    if "zimage" in text:
+        return json.loads(text["zimage"])
+    if "parameters" not in text:
+        raise ValueError("this image carries no generation parameters (no 'parameters' or 'zimage' text chunk)")
+    return parse_parameters_text(text["parameters"])
+
+
+def parse_parameters_text(text: str) -> dict[str, Any]:
+    """Parse A1111's format: prompt lines, optional 'Negative prompt:' line, then 'Steps: ...' fields."""
+    lines = text.rstrip("\n").split("\n")
+    last = max((i for i, line in enumerate(lines) if line.startswith("Steps:")), default=None)
+    if last is None:
+        raise ValueError("the 'parameters' text has no 'Steps:' line")
+    prompt_lines = [line for line in lines[:last] if not line.startswith("Negative prompt:")]
+    fields = {k.strip().lower(): v.strip() for k, v in _PARAM_FIELD.findall(lines[last])}
+    meta: dict[str, Any] = {"prompt": "\n".join(prompt_lines)}
+    if "steps" in fields and fields["steps"].isdigit():
+        meta["steps"] = int(fields["steps"])
+    if "seed" in fields and fields["seed"].isdigit():
+        meta["seed"] = int(fields["seed"])
+    if "size" in fields and re.fullmatch(r"\d+x\d+", fields["size"]):
+        meta["width"], meta["height"] = map(int, fields["size"].split("x"))
+    for key in ("model", "preset", "sampler"):
+        if key in fields:
+            meta[key] = fields[key]
+    return meta

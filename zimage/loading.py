@@ -1,0 +1,124 @@
+"""Getting a ZImagePipeline: real weights (Hugging Face id or local folder), the tiny offline model, or the
+full-size architecture with random weights (for GPU benchmarks where no weights exist).
+
+There is no silent fallback: if the weights asked for cannot be found, loading fails and says what was
+tried and how to get them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from . import tiny
+from .settings import Settings
+
+log = logging.getLogger("zimage.loading")
+
+TINY_NAMES = ("tiny", "tiny-random")
+RANDOM_FULL = "random-full"
+
+# The released Z-Image-Turbo architecture (../shared/ZIMAGE.md; diffusers 0.42.1 defaults plus the
+# released axes_lens). Used only to build random weights of the true size.
+TURBO_TRANSFORMER = dict(dim=3840, n_layers=30, n_refiner_layers=2, n_heads=30, n_kv_heads=30, cap_feat_dim=2560,
+                         in_channels=16, rope_theta=256.0, axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512])
+TURBO_TEXT_ENCODER = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                          num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                          rope_theta=1e6, tie_word_embeddings=True, rms_norm_eps=1e-6)
+TURBO_VAE = dict(down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                 block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=16, sample_size=1024,
+                 scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
+                 force_upcast=True)
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded; the message says what was tried and what to do."""
+
+
+def describe(model: str) -> str:
+    if model in TINY_NAMES:
+        return "tiny offline demo model (random weights)"
+    if model == RANDOM_FULL:
+        return "full-size Z-Image-Turbo architecture with random weights (benchmarks only)"
+    return model
+
+
+def load_pipeline(settings: Settings):
+    """The pipeline for `settings.model`, on CPU (the engine places it), in `settings.torch_dtype()`.
+
+    random-full is the exception: it is built directly on its target device, since 10 B random parameters
+    are faster to create there than to copy.
+    """
+    from diffusers import ZImagePipeline
+
+    model, dtype = settings.model, settings.torch_dtype()
+    if model in TINY_NAMES:
+        folder = tiny.ensure_tiny_model(settings.cache_dir)
+        log.info("loading tiny model from %s", folder)
+        return ZImagePipeline.from_pretrained(folder, dtype=dtype)
+    if model == RANDOM_FULL:
+        return build_random_full(settings.torch_device(), dtype)
+
+    looks_like_path = model.startswith(("/", "./", "../", "~")) or os.path.isdir(model)
+    if looks_like_path:
+        folder = Path(model).expanduser()
+        if not (folder / "model_index.json").is_file():
+            raise ModelLoadError(
+                f"--model {model!r}: no ZImagePipeline folder there (looked for {folder / 'model_index.json'}). "
+                "Point --model at a folder made by `hf download Tongyi-MAI/Z-Image-Turbo --local-dir <folder>` "
+                "or by save_pretrained, or use --model tiny for the offline demo.")
+        source = str(folder)
+    else:
+        source = model
+    log.info("loading %s (dtype %s)", source, dtype)
+    try:
+        return ZImagePipeline.from_pretrained(source, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        hf_home = os.environ.get("HF_HOME", "~/.cache/huggingface")
+        raise ModelLoadError(
+            f"could not load {model!r}: tried {'the local folder' if looks_like_path else 'the Hugging Face Hub id'} "
+            f"{source!r} (HF_HOME={hf_home}, offline mode {'on' if offline else 'off'}); the weights are not "
+            f"in the cache and could not be downloaded. Get them with `hf download {model}` on a machine with "
+            "internet access (then copy HF_HOME, or pass the downloaded folder as --model), or run "
+            f"`--model tiny` for an offline demo. Cause: {str(exc).splitlines()[0][:300]}") from exc
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_random_full(device: str, dtype: torch.dtype, text_encoder_device: str | None = None):
+    """Full-size Turbo architecture, random weights, created directly on `device` in `dtype`.
+
+    Same parameter count, FLOPs and bytes as the real model; the pixels mean nothing. Matrices get
+    std 0.02 (like trained nets) so activations stay finite through 30 blocks. The tokenizer is the tiny
+    BPE one: token ids stay below its vocabulary, which the full-size embedding table covers.
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(0)
+    with _default_dtype(dtype):
+        with torch.device(device):
+            transformer = ZImageTransformer2DModel(**TURBO_TRANSFORMER).eval()
+            with torch.no_grad():
+                for p in transformer.parameters():
+                    if p.dim() >= 2:
+                        p.normal_(std=0.02)
+            vae = AutoencoderKL(**TURBO_VAE).eval()
+        with torch.device(text_encoder_device or device):
+            text_encoder = Qwen3Model(Qwen3Config(**TURBO_TEXT_ENCODER)).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+    return ZImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder.to(dtype),
+                          tokenizer=tiny.build_tokenizer(), transformer=transformer.to(dtype))

@@ -1,0 +1,235 @@
+"""Every knob of the service, in one object.
+
+Each option is declared once in OPTIONS (name, CLI flag, env var, parser, default, help); `Settings.load`
+reads the environment (`ZIMAGE_*`), then the command line (which wins), validates everything, and fails
+with a message naming the flag, the env var and the allowed values. Nothing else in the project reads
+`ZIMAGE_*` variables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+DEFAULT_MODEL = "Tongyi-MAI/Z-Image-Turbo"
+ON_OFF_AUTO = ("auto", "on", "off")
+MEMORY_PROFILES = ("auto", "full", "16gb", "12gb")
+DTYPES = {"auto": "auto", "bf16": "bf16", "bfloat16": "bf16", "fp32": "fp32", "float32": "fp32"}
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class SettingsError(ValueError):
+    """A setting has a value the service cannot use; the message says which and what is allowed."""
+
+
+def _choice(allowed: Sequence[str]) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in allowed:
+            raise ValueError(f"allowed values: {', '.join(allowed)}")
+        return value
+
+    return parse
+
+
+def _int_range(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(str(raw).strip())
+        except ValueError:
+            raise ValueError(f"expected an integer from {lo} to {hi}") from None
+        if not lo <= value <= hi:
+            raise ValueError(f"expected an integer from {lo} to {hi}")
+        return value
+
+    return parse
+
+
+def _positive_float(raw: str) -> float:
+    try:
+        value = float(str(raw).strip())
+    except ValueError:
+        raise ValueError("expected a positive number") from None
+    if not value > 0:
+        raise ValueError("expected a positive number")
+    return value
+
+
+def _dtype(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in DTYPES:
+        raise ValueError("allowed values: auto, bf16, fp32 (fp16 is refused: the FLUX VAE overflows in fp16)")
+    return DTYPES[value]
+
+
+def _device(raw: str) -> str:
+    value = raw.strip().lower()
+    if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+        return value
+    raise ValueError("allowed values: auto, cpu, cuda, cuda:N")
+
+
+def _attention(raw: str) -> str:
+    value = raw.strip()
+    if value == "auto":
+        return value
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    names = [b.value for b in AttentionBackendName]
+    if value not in names:
+        raise ValueError(f"allowed values: auto, {', '.join(names)}")
+    return value
+
+
+def _auth(raw: str) -> str:
+    value = raw.strip()
+    if value and (":" not in value or not value.split(":", 1)[0] or not value.split(":", 1)[1]):
+        raise ValueError("expected user:password (both non-empty), or empty for no auth")
+    return value
+
+
+def _text(raw: str) -> str:
+    value = raw.strip()
+    if not value:
+        raise ValueError("must not be empty")
+    return value
+
+
+def _path(raw: str) -> Path:
+    return Path(_text(raw)).expanduser()
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    parse: Callable[[str], Any]
+    default: Any
+    help: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return "ZIMAGE_" + self.name.upper()
+
+
+def _default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "zimage"
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("model", _text, DEFAULT_MODEL,
+           "'tiny' (offline demo), 'tiny-random', 'random-full' (full-size random weights, GPU benchmarks), "
+           "a Hugging Face id, or a local folder saved by save_pretrained"),
+    Option("device", _device, "auto", "auto (cuda if available), cpu, cuda, cuda:N"),
+    Option("dtype", _dtype, "auto", "auto (bf16 on CUDA, fp32 on CPU), bf16, fp32"),
+    Option("attention", _attention, "auto", "attention backend: auto (fastest available) or a diffusers backend name"),
+    Option("compile", _choice(ON_OFF_AUTO), "auto", "regional torch.compile of the transformer: auto (on for CUDA)"),
+    Option("fp8", _choice(ON_OFF_AUTO), "off",
+           "fp8 rowwise transformer weights via torchao: auto (on where compute capability >= 8.9)"),
+    Option("memory_profile", _choice(MEMORY_PROFILES), "auto",
+           "which parts stay on the GPU: auto (chosen from the card's memory), full, 16gb, 12gb"),
+    Option("outputs", _path, Path("outputs"), "folder for generated images and their history index"),
+    Option("host", _text, "127.0.0.1", "address to bind; 0.0.0.0 to serve other machines"),
+    Option("port", _int_range(1, 65535), 7860, "port to bind"),
+    Option("queue_size", _int_range(1, 10_000), 32, "requests allowed to wait for the GPU; more get 'busy' / HTTP 429"),
+    Option("auth", _auth, "", "user:password protecting the UI and the JSON API (empty: no auth)"),
+    Option("cache_dir", _path, None, "where the tiny model and compile caches live (default ~/.cache/zimage)"),
+    Option("warmup", _choice(ON_OFF_AUTO), "auto", "generate once per served shape before reporting ready"),
+    Option("embed_cache", _int_range(0, 4096), 64, "prompt embeddings kept for repeated prompts (0 disables)"),
+    Option("oom_fatal_count", _int_range(1, 1000), 3, "this many OOMs within --oom-fatal-window seconds is fatal"),
+    Option("oom_fatal_window", _positive_float, 60.0, "seconds over which --oom-fatal-count OOMs are counted"),
+    Option("log_level", _choice(LOG_LEVELS), "info", "log level"),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str = DEFAULT_MODEL
+    device: str = "auto"
+    dtype: str = "auto"
+    attention: str = "auto"
+    compile: str = "auto"
+    fp8: str = "off"
+    memory_profile: str = "auto"
+    outputs: Path = Path("outputs")
+    host: str = "127.0.0.1"
+    port: int = 7860
+    queue_size: int = 32
+    auth: str = ""
+    cache_dir: Path | None = None
+    warmup: str = "auto"
+    embed_cache: int = 64
+    oom_fatal_count: int = 3
+    oom_fatal_window: float = 60.0
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if self.cache_dir is None:
+            object.__setattr__(self, "cache_dir", _default_cache_dir())
+
+    @classmethod
+    def load(cls, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> "Settings":
+        """Settings from env `ZIMAGE_*` and command-line flags (flags win). Raises SettingsError."""
+        env = os.environ if env is None else env
+        cli = build_arg_parser().parse_args(argv)
+        values: dict[str, Any] = {}
+        for opt in OPTIONS:
+            raw, source = getattr(cli, opt.name), opt.flag
+            if raw is None:
+                raw, source = env.get(opt.env), opt.env
+            if raw is None:
+                continue
+            try:
+                values[opt.name] = opt.parse(str(raw))
+            except ValueError as exc:
+                raise SettingsError(f"{opt.flag} / {opt.env}: invalid value {str(raw)!r} (from {source}); {exc}") from None
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> "Settings":
+        current = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Settings(**{**current, **changes})
+
+    # Resolution of 'auto' values that depend on the machine.
+    def torch_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def torch_dtype(self):
+        import torch
+
+        dtype = self.dtype
+        if dtype == "auto":
+            dtype = "bf16" if self.torch_device().startswith("cuda") else "fp32"
+        return torch.bfloat16 if dtype == "bf16" else torch.float32
+
+    def compile_enabled(self) -> bool:
+        return self.compile == "on" or (self.compile == "auto" and self.torch_device().startswith("cuda"))
+
+    def warmup_enabled(self) -> bool:
+        return self.warmup != "off"
+
+    def auth_pair(self) -> tuple[str, str] | None:
+        if not self.auth:
+            return None
+        user, password = self.auth.split(":", 1)
+        return user, password
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    """CLI flags for every option; defaults are None so that 'not given' falls through to env."""
+    parser = argparse.ArgumentParser(
+        description="Z-Image-Turbo studio. Every flag also reads ZIMAGE_<NAME> from the environment; flags win."
+    )
+    for opt in OPTIONS:
+        parser.add_argument(opt.flag, dest=opt.name, default=None, metavar=opt.name.upper(),
+                            help=f"{opt.help} [env {opt.env}; default {opt.default}]")
+    return parser
