@@ -40,6 +40,35 @@ MAX_SEQUENCE_LENGTH = 512  # text encoder tokens the pipeline reads; longer prom
 ProgressFn = Callable[[int, int], None]
 
 
+class FifoLock:
+    """A lock granted in arrival order. threading.Lock is not fair: with the UI worker and API threads all
+    waiting for the GPU, a caller could be overtaken again and again. `waiting` feeds the queue-depth gauge."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._arrivals: collections.deque[object] = collections.deque()
+        self._held = False
+
+    def __enter__(self) -> "FifoLock":
+        ticket = object()
+        with self._cond:
+            self._arrivals.append(ticket)
+            while self._held or self._arrivals[0] is not ticket:
+                self._cond.wait()
+            self._arrivals.popleft()
+            self._held = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self._cond:
+            self._held = False
+            self._cond.notify_all()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._arrivals)
+
+
 @dataclass
 class EngineStats:
     """Counters front ends export (the engine does not know about Prometheus)."""
@@ -49,6 +78,10 @@ class EngineStats:
     completed: int = 0
     failed: int = 0
     inflight: int = 0
+    # Highest number of generations seen inside the GPU stages at once (1 unless the lock is broken), and
+    # the deepest wait for the GPU: evidence for load tests that callers overlapped yet never shared the GPU.
+    max_concurrent: int = 0
+    max_waiting: int = 0
     last_peak_vram_bytes: int | None = None
 
 
@@ -69,7 +102,9 @@ class Engine:
         self.compiled = False
         self.warm_shapes: list[dict] = []
         self.stats = EngineStats()
-        self._gpu_lock = threading.Lock()
+        self._gpu_lock = FifoLock()
+        self._concurrency_count = threading.Lock()
+        self._concurrent = 0
         self._embed_cache: collections.OrderedDict[str, list[torch.Tensor]] = collections.OrderedDict()
         self._oom_times: collections.deque[float] = collections.deque()
         # Cache release after every request (gc + empty_cache). Off only to measure what it costs.
@@ -127,6 +162,11 @@ class Engine:
             "memory_profile": self.placement.profile if self.placement else None,
         }
 
+    @property
+    def waiting(self) -> int:
+        """Generations waiting for the GPU (not counting the one running)."""
+        return self._gpu_lock.waiting
+
     # ---- requests --------------------------------------------------------------------------------
     def resolve(self, request: GenerationRequest) -> Job:
         """Validate a request (RequestError on mistakes) and add engine-specific warnings."""
@@ -150,10 +190,11 @@ class Engine:
 
         Raises RequestError (bad input), GenerationCancelled, OutOfMemory, EngineUnavailable.
         """
-        self._check_available(allow_warming)
+        self.check_available(allow_warming)
         job = request if isinstance(request, Job) else self.resolve(request)
+        self.stats.max_waiting = max(self.stats.max_waiting, self._gpu_lock.waiting + 1)
         with self._gpu_lock:
-            self._check_available(allow_warming)
+            self.check_available(allow_warming)
             self.stats.inflight += 1
             started = time.perf_counter()
             try:
@@ -174,7 +215,8 @@ class Engine:
                     memory.release_memory(self.device)
                 log.debug("request done in %.3fs", time.perf_counter() - started)
 
-    def _check_available(self, allow_warming: bool) -> None:
+    def check_available(self, allow_warming: bool = False) -> None:
+        """Raise EngineUnavailable, saying why, unless the engine can take work now."""
         if self.state == "ready" or (allow_warming and self.state == "warming"):
             return
         if self.state == "warming":
@@ -188,6 +230,19 @@ class Engine:
 
     # ---- the three stages ------------------------------------------------------------------------
     def _run(self, job: Job, on_progress: ProgressFn, cancel: threading.Event) -> GenerationResult:
+        with self._concurrency_count:
+            self._concurrent += 1
+            self.stats.max_concurrent = max(self.stats.max_concurrent, self._concurrent)
+        try:
+            result = self._run_stages(job, on_progress, cancel)
+        finally:
+            with self._concurrency_count:
+                self._concurrent -= 1
+        log.info("generated %s %dx%d steps=%d n=%d in %.2fs", job.preset, job.width, job.height, job.steps,
+                 len(job.seeds), result.timings["total"])
+        return result
+
+    def _run_stages(self, job: Job, on_progress: ProgressFn, cancel: threading.Event) -> GenerationResult:
         on_gpu = self.device.startswith("cuda")
         if on_gpu:
             torch.cuda.reset_peak_memory_stats(self.device)

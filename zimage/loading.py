@@ -47,12 +47,23 @@ def describe(model: str) -> str:
     return model
 
 
+def quiet_libraries() -> None:
+    """Progress bars and import chatter from diffusers/transformers/torchao are noise in a service log."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+
+
 def load_pipeline(settings: Settings):
     """The pipeline for `settings.model`, on CPU (the engine places it), in `settings.torch_dtype()`.
 
     random-full is the exception: it is built directly on its target device, since 10 B random parameters
     are faster to create there than to copy.
     """
+    quiet_libraries()
     from diffusers import ZImagePipeline
 
     model, dtype = settings.model, settings.torch_dtype()

@@ -1,0 +1,71 @@
+"""Z-Image-Turbo studio: the web app (Gradio UI at /, JSON API, health, readiness, metrics).
+
+    python app.py --model tiny                   # offline demo
+    python app.py --host 0.0.0.0 --port 7860     # the real model, served to other machines
+
+Every flag also reads ZIMAGE_<NAME> from the environment (flags win); `python app.py --help` lists them.
+Exit codes: 0 clean shutdown, 1 start-up failed (port in use, model missing), 2 invalid settings.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+
+from zimage import memory
+
+memory.configure_allocator()  # before anything can initialise CUDA
+
+from zimage.settings import Settings, SettingsError  # noqa: E402
+
+log = logging.getLogger("zimage.app")
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """Bind before loading anything, so a busy port fails in a second, not after the model loads."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, backlog=2048)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        settings = Settings.load(argv)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stdout, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        sock = listen(settings.host, settings.port)
+    except OSError as exc:
+        print(f"error: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}. Is another server "
+              "running there (`supervisorctl -c deploy/supervisor/supervisord.conf status`)? Choose another port "
+              "with --port or ZIMAGE_PORT.", file=sys.stderr)
+        return 1
+
+    import uvicorn
+
+    from zimage.server import create_service, start_engine
+
+    service = create_service(settings)
+    server = uvicorn.Server(uvicorn.Config(service.app, log_level="warning", access_log=False,
+                                           timeout_graceful_shutdown=30))
+    failures: list[BaseException] = []
+
+    def stop_on_failure(exc: BaseException) -> None:
+        failures.append(exc)
+        server.should_exit = True
+
+    start_engine(service, stop_on_failure)
+    log.info("serving on http://%s:%d (model %s)", settings.host, settings.port, settings.model)
+    server.run(sockets=[sock])
+    service.store.close()  # finish writing queued images
+    if failures:
+        print(f"error: {failures[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

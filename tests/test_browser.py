@@ -1,0 +1,67 @@
+"""A real browser: headless Chromium (Debian's) drives the UI through one generation and saves a screenshot.
+
+CI installs chromium (.ci/run) and sets ZIMAGE_REQUIRE_BROWSER=1, so a missing browser fails there instead
+of skipping."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.appserver import ROOT, AppProcess
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = ROOT / "test-artifacts"
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("ZIMAGE_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"chromium not found at {CHROMIUM} (install Debian's chromium)")
+        pytest.skip("chromium is not installed")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        # Flags as this sandbox needs them: no sandbox as root, no GPU, no background network chatter.
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, cache_dir):
+    server = AppProcess(tmp_path_factory.mktemp("browser"), cache_dir).start()
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+def test_generate_in_the_browser(browser, app):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(app.url, wait_until="load", timeout=60_000)
+    page.get_by_text("ready").first.wait_for(timeout=60_000)
+
+    page.locator("#prompt textarea").fill("a red circle on a blue background")
+    page.locator("#quality input").click()
+    page.get_by_role("option", name="Draft").click()
+    page.locator("#generate").click()
+
+    image = page.locator("#result img").first
+    image.wait_for(state="visible", timeout=180_000)
+    page.locator("#info").get_by_text("768×768").wait_for(timeout=60_000)
+    assert "6 steps" in page.locator("#info").inner_text()
+    natural = image.evaluate("img => [img.naturalWidth, img.naturalHeight]")
+    assert natural == [768, 768]
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "browser-generate.png"), full_page=True)
+    page.close()

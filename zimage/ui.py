@@ -1,0 +1,223 @@
+"""The Gradio UI: a thin layer of widgets over the engine and the outputs store.
+
+Generation is one Gradio event in the "gpu" concurrency group (limit 1), exposed to programs as
+`api_name="generate"`. Saving the full PNGs is a chained event outside that group, so encoding them never
+holds up the next person's generation; the gallery shows fast JPEG previews meanwhile.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import gradio as gr
+
+from . import images, presets
+from .request import EngineError, EngineUnavailable, GenerationCancelled, GenerationRequest
+
+GIB = 2**30
+EXAMPLE_PROMPTS = [
+    "A cinematic photo of a red fox in a snowy birch forest at dawn, soft golden light, 85mm lens",
+    "一只橘猫趴在洒满阳光的窗台上，水彩画风格",
+    'A vintage travel poster of a steam train crossing a mountain bridge, bold title text "Z-IMAGE"',
+    "雨后的上海外滩夜景，霓虹灯倒映在湿漉漉的街道上，电影感",
+]
+
+
+def example_prompts(model: str) -> list[str]:
+    """The demo model only knows shapes and colours; the real model gets real prompts."""
+    if model == "tiny":
+        try:
+            from .demo import EXAMPLE_PROMPTS as demo_prompts
+        except ImportError:
+            return EXAMPLE_PROMPTS
+        return list(demo_prompts)
+    return EXAMPLE_PROMPTS
+
+
+def aspect_choices(tier: str) -> list[tuple[str, str]]:
+    return [(f"{name} · {presets.size_label(tier, name)}", name) for name in presets.ASPECTS]
+
+
+def size_note(tier: str, aspect: str) -> str:
+    t = presets.TIERS.get(tier, presets.TIERS[presets.DEFAULT_TIER])
+    note = f"**{presets.size_label(t.name, aspect)}** · {t.steps} steps · {t.description}"
+    return note
+
+
+def info_line(result) -> str:
+    t = result.timings
+    parts = [f"seed{'s' if len(result.seeds) > 1 else ''} {', '.join(map(str, result.seeds))}",
+             f"{result.width}×{result.height}", f"{result.steps} steps", result.preset,
+             f"encode {t['text_encode']:.2f} s · denoise {t['denoise']:.2f} s · decode {t['decode']:.2f} s · "
+             f"total {t['total']:.2f} s"]
+    if result.peak_vram_bytes is not None:
+        parts.append(f"peak VRAM {result.peak_vram_bytes / GIB:.1f} GiB")
+    line = " · ".join(parts)
+    for warning in result.warnings:
+        line += f"\n\n⚠️ {warning}"
+    return line
+
+
+def run_details(result) -> dict:
+    """What programs calling api_name="generate" need besides the pictures."""
+    return {"seeds": result.seeds, "width": result.width, "height": result.height, "steps": result.steps,
+            "preset": result.preset, "timings": result.timings, "peak_vram_bytes": result.peak_vram_bytes,
+            "warnings": result.warnings}
+
+
+def status_line(engine) -> str:
+    d = engine.describe()
+    state = {"loading": "⏳ loading the model…", "warming": "🔥 warming up (compiling and trying each size)…",
+             "ready": "✅ ready", "failed": f"❌ failed to load: {engine.state_detail}",
+             "fatal": f"❌ stopped after a fatal error, waiting for a restart: {engine.state_detail}"}[engine.state]
+    extras = f" · {d['device']} · {d['dtype']}"
+    if engine.pipe is not None:
+        extras += f" · attention {d['attention']}" + (" · compiled" if d["compiled"] else "") + (
+            " · fp8" if d["fp8"] else "")
+    return f"**{d['model']}**{extras} — {state}"
+
+
+def build(engine, store, metrics, settings) -> gr.Blocks:
+    running: dict[str, threading.Event] = {}  # session -> cancel flag of its running generation
+
+    def generate(prompt, quality, aspect, seed, random_seed, count, request: gr.Request,
+                 progress=gr.Progress()):
+        try:
+            engine.check_available()
+        except EngineUnavailable as exc:
+            metrics.observe_outcome("unavailable", "ui")
+            raise gr.Error(str(exc), title="Not ready yet") from None
+        req = GenerationRequest(prompt=prompt, preset=quality, aspect=aspect,
+                                seed=None if random_seed else seed, n=count)
+        cancel = threading.Event()
+        session = request.session_hash if request is not None else None
+        if session:
+            running[session] = cancel
+        try:
+            result = engine.generate(req, cancel=cancel, on_progress=lambda done, total: progress(
+                (done, total), desc="Denoising", unit="steps"))
+        except GenerationCancelled:
+            metrics.observe_outcome("cancelled", "ui")
+            return gr.update(), "Cancelled.", None, gr.update(), None
+        except EngineError as exc:
+            status = {"RequestError": "invalid", "OutOfMemory": "oom", "EngineUnavailable": "unavailable"}
+            metrics.observe_outcome(status.get(type(exc).__name__, "error"), "ui")
+            raise gr.Error(str(exc)) from None
+        finally:
+            if session:
+                running.pop(session, None)
+        metrics.observe_result(result, "ui")
+        saving = store.save(result)  # full PNGs with metadata, written in the background
+        return result.images, info_line(result), run_details(result), result.seeds[0], (result, saving)
+
+    def report_saved(pending):
+        """Wait for the background PNG writes of the last run, then offer the files and refresh history."""
+        if not pending:
+            return gr.update(), gr.update(), gr.update()
+        result, futures = pending
+        paths, errors = [], []
+        for future in futures:
+            try:
+                paths.append(str(future.result(timeout=120)))
+            except OSError as exc:
+                metrics.save_errors.inc()
+                errors.append(f"{exc.strerror or exc}")
+        line = info_line(result)
+        if errors:
+            line += f"\n\n⚠️ could not save to the outputs folder: {errors[0]} — the images above are not kept"
+        return paths or None, line, history_items()
+
+    def cancel_running(request: gr.Request):
+        flag = running.get(request.session_hash) if request is not None else None
+        if flag is not None:
+            flag.set()
+
+    def history_items():
+        return [(e["path"], f"{e['prompt'][:80]} · seed {e['seed']}") for e in store.recent(24)]
+
+    def on_quality(tier, aspect):
+        return gr.update(choices=aspect_choices(tier), value=aspect), size_note(tier, aspect)
+
+    def read_back(data):
+        if not data:
+            return None, "", gr.update(interactive=False)
+        try:
+            meta = images.read_parameters(data)
+        except Exception as exc:  # any unreadable upload: say so, never crash the page
+            return None, f"⚠️ {exc}", gr.update(interactive=False)
+        text = images.parameters_text({**{"steps": "?", "sampler": "?", "guidance_scale": 0, "seed": "?",
+                                          "width": "?", "height": "?", "model": "?", "preset": "?"}, **meta})
+        return meta, text, gr.update(interactive=True)
+
+    def send_to_form(meta):
+        if not meta:
+            return (gr.update(),) * 6 + (gr.update(),)
+        tier = meta.get("preset") if meta.get("preset") in presets.TIERS else presets.DEFAULT_TIER
+        size = (meta.get("width"), meta.get("height"))
+        aspect = next((a for a in presets.ASPECTS if presets.preset_size(tier, a) == size), presets.DEFAULT_ASPECT)
+        seed = meta.get("seed")
+        return (meta.get("prompt", ""), tier, gr.update(choices=aspect_choices(tier), value=aspect),
+                seed if seed is not None else -1, seed is None, size_note(tier, aspect), gr.Tabs(selected="generate"))
+
+    with gr.Blocks(title="Z-Image-Turbo studio") as demo:
+        status = gr.Markdown(status_line(engine), elem_id="status")
+        timer = gr.Timer(2.0)
+        last = gr.State(None)
+        with gr.Tabs() as tabs:
+            with gr.Tab("Generate", id="generate"):
+                with gr.Row():
+                    with gr.Column(scale=2):
+                        prompt = gr.Textbox(label="Prompt", lines=3, elem_id="prompt",
+                                            placeholder="Describe the image (English or 中文)")
+                        with gr.Row():
+                            quality = gr.Dropdown(list(presets.TIERS), value=presets.DEFAULT_TIER, label="Quality",
+                                                  elem_id="quality")
+                            aspect = gr.Dropdown(aspect_choices(presets.DEFAULT_TIER), value=presets.DEFAULT_ASPECT,
+                                                 label="Aspect", elem_id="aspect")
+                        note = gr.Markdown(size_note(presets.DEFAULT_TIER, presets.DEFAULT_ASPECT))
+                        with gr.Row():
+                            seed = gr.Number(value=-1, precision=0, label="Seed", minimum=-1, maximum=2**32 - 1)
+                            random_seed = gr.Checkbox(value=True, label="Random seed")
+                            reuse = gr.Button("♻️ Reuse last seed", size="sm")
+                        count = gr.Slider(1, 4, value=1, step=1, label="Images")
+                        with gr.Row():
+                            go = gr.Button("Generate", variant="primary", elem_id="generate")
+                            stop = gr.Button("Cancel", variant="stop")
+                        gr.Examples(example_prompts(settings.model), inputs=[prompt], label="Examples")
+                    with gr.Column(scale=3):
+                        gallery = gr.Gallery(label="Result", format="jpeg", columns=2, height=560,
+                                             elem_id="result", object_fit="contain")
+                        info = gr.Markdown(elem_id="info")
+                        with gr.Accordion("Run details", open=False):
+                            details = gr.JSON(label="Run details")
+                        files = gr.Files(label="PNG files (with parameters)", interactive=False)
+            with gr.Tab("History", id="history"):
+                history = gr.Gallery(label="Recent outputs (kept across restarts)", columns=6, height=640)
+                refresh = gr.Button("Refresh", size="sm")
+            with gr.Tab("Read PNG parameters", id="read"):
+                upload = gr.File(label="Drop a PNG made here or by an A1111-compatible tool", type="binary",
+                                 file_types=[".png"])
+                params_text = gr.Textbox(label="parameters", lines=4, interactive=False)
+                params = gr.JSON(label="Parsed")
+                send = gr.Button("Send to Generate", interactive=False)
+
+        last_seed = gr.State(None)
+        quality.change(on_quality, [quality, aspect], [aspect, note], queue=False)
+        aspect.change(lambda t, a: size_note(t, a), [quality, aspect], note, queue=False)
+        reuse.click(lambda s: (s if s is not None else -1, s is None), last_seed, [seed, random_seed], queue=False)
+        run = go.click(generate, [prompt, quality, aspect, seed, random_seed, count], [gallery, info, details, last_seed, last],
+                       api_name="generate", concurrency_limit=1, concurrency_id="gpu")
+        run.then(report_saved, last, [files, info, history], concurrency_limit=None, api_visibility="private")
+        stop.click(cancel_running, None, None, cancels=[run], queue=False, api_visibility="private")
+        refresh.click(history_items, None, history, queue=False, api_visibility="private")
+        upload.change(read_back, upload, [params, params_text, send], queue=False, api_visibility="private")
+        send.click(send_to_form, params, [prompt, quality, aspect, seed, random_seed, note, tabs], queue=False,
+                   api_visibility="private")
+
+        def tick():
+            return status_line(engine), gr.Timer(active=engine.state in ("loading", "warming"))
+
+        timer.tick(tick, None, [status, timer], queue=False, api_visibility="private")
+        demo.load(lambda: (status_line(engine), history_items()), None, [status, history], queue=False,
+                  api_visibility="private")
+    return demo
