@@ -98,6 +98,7 @@ class Engine:
         self.pipe = None
         self.placement: memory.Placement | None = None
         self.attention_backend = "native"
+        self.usable_gib: float | None = None
         self.fp8 = False
         self.compiled = False
         self.warm_shapes: list[dict] = []
@@ -119,24 +120,26 @@ class Engine:
         return engine
 
     def load(self, pipe=None) -> None:
-        """Load the model (or adopt `pipe`), place it, apply the speed switches. Raises on failure."""
-        if self.device.startswith("cuda"):
-            memory.configure_allocator()
+        """Load the model (or adopt `pipe`), place it for the memory profile, apply the speed switches."""
         try:
-            pipe = pipe if pipe is not None else loading.load_pipeline(self.settings)
+            if self.device.startswith("cuda"):
+                memory.configure_allocator()
+                memory.apply_memory_limit(self.device, self.settings.gpu_memory_limit)
+            self.fp8 = speed.fp8_wanted(self.settings.fp8, self.device)
+            self.usable_gib = memory.usable_gib(self.device)
+            profile = memory.choose_profile(self.settings.memory_profile, self.usable_gib, self.fp8)
+            if pipe is None:
+                pipe = loading.load_pipeline(self.settings, build_device=self.device if profile == "full" else "cpu")
             pipe.set_progress_bar_config(disable=True)
-            profile = memory.resolve_profile(self.settings.memory_profile, self.device)
-            self.placement = memory.Placement(pipe, self.device, profile)
-            self.placement.place()
+            self.placement = memory.Placement(pipe, self.device, memory.profile_spec(profile, self.fp8), self.fp8)
+            self.placement.place()  # fp8 quantization happens here, before any compile (order matters)
             self.attention_backend = speed.choose_attention_backend(self.settings.attention, self.device)
             speed.apply_attention_backend(pipe.transformer, self.attention_backend)
-            self.fp8 = speed.fp8_wanted(self.settings.fp8, self.device)
-            if self.fp8:
-                n = speed.quantize_fp8(pipe.transformer)
-                log.info("fp8 rowwise weights on %d transformer linears", n)
             if self.settings.compile_enabled():
-                speed.compile_transformer(pipe.transformer)
-                self.compiled = True
+                speed.use_compile_cache(self.settings.cache_dir / "inductor")
+                if not self.placement.profile.transformer_streamed:  # offload hooks and compile do not mix
+                    speed.compile_transformer(pipe.transformer)
+                    self.compiled = True
             self.pipe = pipe
         except Exception as exc:
             self.state, self.state_detail = "failed", str(exc)
@@ -159,7 +162,8 @@ class Engine:
             "attention": self.attention_backend,
             "compiled": self.compiled,
             "fp8": self.fp8,
-            "memory_profile": self.placement.profile if self.placement else None,
+            "memory_profile": self.placement.profile.name if self.placement else None,
+            "usable_gib": round(self.usable_gib, 1) if self.usable_gib else None,
         }
 
     @property
@@ -171,6 +175,13 @@ class Engine:
     def resolve(self, request: GenerationRequest) -> Job:
         """Validate a request (RequestError on mistakes) and add engine-specific warnings."""
         job = resolve(request)
+        if self.placement is not None:
+            tier = presets.TIERS.get(job.preset) or presets.tier_for_size(job.width, job.height)
+            reason = memory.refusal(self.placement.profile.name, self.fp8, tier.name, self.usable_gib)
+            if reason:
+                raise RequestError(reason, "preset")
+            if not job.vae_tiling and self.placement.tiled_decode(tier.name):
+                job = Job(**{**job.__dict__, "vae_tiling": True})
         if self.pipe is not None:
             n_tokens = self.count_prompt_tokens(job.prompt)
             if n_tokens > MAX_SEQUENCE_LENGTH:
@@ -278,8 +289,9 @@ class Engine:
                 check_cancel()
                 if not bool(torch.isfinite(latents).all()):
                     warnings.append(f"image {index + 1} (seed {seed}) has non-finite values; it will look wrong")
+                tiled = job.vae_tiling or not memory.fits_untiled_decode(self.device, job.width, job.height)
                 images.append(timed("decode", lambda: self._with_oom_retry(
-                    "decode", job, lambda: self._decode(latents, tiled=job.vae_tiling),
+                    "decode", job, lambda: self._decode(latents, tiled=tiled),
                     lambda: self._decode(latents, tiled=True), "tiled VAE decode", recoveries)))
                 del latents
         timings = {k: round(v, 4) for k, v in timings.items()}
@@ -300,8 +312,7 @@ class Engine:
             self.placement.shed_text_encoder()
         else:
             self.placement.before_encode()
-        te_device = next(self.pipe.text_encoder.parameters()).device
-        embeds, _ = self.pipe.encode_prompt(prompt, device=te_device, do_classifier_free_guidance=False,
+        embeds, _ = self.pipe.encode_prompt(prompt, device=self.placement.text_encoder_device, do_classifier_free_guidance=False,
                                             max_sequence_length=MAX_SEQUENCE_LENGTH)
         embeds = [e.to(self.device) for e in embeds]
         if self.settings.embed_cache > 0:

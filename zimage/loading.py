@@ -57,11 +57,11 @@ def quiet_libraries() -> None:
     logging.getLogger("torchao").setLevel(logging.ERROR)
 
 
-def load_pipeline(settings: Settings):
+def load_pipeline(settings: Settings, build_device: str = "cpu"):
     """The pipeline for `settings.model`, on CPU (the engine places it), in `settings.torch_dtype()`.
 
-    random-full is the exception: it is built directly on its target device, since 10 B random parameters
-    are faster to create there than to copy.
+    random-full is built on `build_device`: the GPU when everything will be resident there anyway (10 B
+    random parameters are created faster there than copied), the CPU when a memory profile streams parts.
     """
     quiet_libraries()
     from diffusers import ZImagePipeline
@@ -72,7 +72,7 @@ def load_pipeline(settings: Settings):
         log.info("loading tiny model from %s", folder)
         return ZImagePipeline.from_pretrained(folder, dtype=dtype)
     if model == RANDOM_FULL:
-        return build_random_full(settings.torch_device(), dtype)
+        return build_random_full(build_device, dtype)
 
     looks_like_path = model.startswith(("/", "./", "../", "~")) or os.path.isdir(model)
     if looks_like_path:
@@ -109,7 +109,7 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
-def build_random_full(device: str, dtype: torch.dtype, text_encoder_device: str | None = None):
+def build_random_full(device: str, dtype: torch.dtype):
     """Full-size Turbo architecture, random weights, created directly on `device` in `dtype`.
 
     Same parameter count, FLOPs and bytes as the real model; the pixels mean nothing. Matrices get
@@ -128,7 +128,6 @@ def build_random_full(device: str, dtype: torch.dtype, text_encoder_device: str 
                     if p.dim() >= 2:
                         p.normal_(std=0.02)
             vae = AutoencoderKL(**TURBO_VAE).eval()
-        with torch.device(text_encoder_device or device):
             text_encoder = Qwen3Model(Qwen3Config(**TURBO_TEXT_ENCODER)).eval()
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
     return ZImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder.to(dtype),

@@ -1,7 +1,19 @@
-"""Where the pipeline's parts live on the GPU, and giving memory back.
+"""Where the pipeline's parts live on the GPU (memory profiles), and giving memory back.
 
-`Placement` owns the device placement of the three models. The engine asks it to make room when a
-stage runs out of memory (the OOM ladder's lower-memory plan) and to restore the fast layout afterwards.
+A profile says, per model, whether it stays resident on the GPU or is streamed from pinned CPU memory
+layer by layer (diffusers group offloading, prefetched on a side stream), and which tiers need a tiled VAE
+decode. fp8 (when on) shrinks what stays resident: transformer 11.5 -> 5.8 GiB, text encoder 7.5 -> 4.1 GiB.
+
+    profile  transformer              text encoder               VAE      for
+    full     resident                 resident                   resident 24 GiB and up
+    16gb     resident                 resident if fp8, else      resident 16 GiB cards
+                                      streamed
+    12gb     resident if fp8, else    streamed                   resident, 12 GiB cards
+             streamed                                            tiled >= High
+
+`auto` picks the fastest profile whose expected peak for the largest tier fits the card (or the
+--gpu-memory-limit), with headroom for the CUDA context and fragmentation. Tiers whose expected peak does
+not fit are refused with a message instead of being left to run out of memory.
 """
 
 from __future__ import annotations
@@ -9,11 +21,44 @@ from __future__ import annotations
 import gc
 import logging
 import os
+from dataclasses import dataclass
 
 import torch
 
 log = logging.getLogger("zimage.memory")
 GIB = 2**30
+HEADROOM_GIB = 1.0  # CUDA context (~0.5 GiB, outside the allocator's cap) + fragmentation
+
+# Expected peak allocated GiB per tier, by (profile, fp8). Measured on the H100 with random-full weights
+# (docs/PERFORMANCE.md, "VRAM tiers"); entries marked in that doc as predicted were not measured.
+EXPECTED_PEAK_GIB: dict[tuple[str, bool], dict[str, float]] = {
+    ("full", False): {"Draft": 21.0, "Standard": 21.6, "High": 22.4, "Ultra": 23.3},
+    ("full", True): {"Draft": 15.2, "Standard": 15.8, "High": 16.6, "Ultra": 17.5},
+    ("16gb", False): {"Draft": 13.0, "Standard": 13.6, "High": 14.4, "Ultra": 15.3},
+    ("16gb", True): {"Draft": 11.3, "Standard": 11.9, "High": 12.7, "Ultra": 13.6},
+    ("12gb", False): {"Draft": 3.5, "Standard": 4.1, "High": 4.9, "Ultra": 5.8},
+    ("12gb", True): {"Draft": 7.4, "Standard": 8.0, "High": 8.8, "Ultra": 9.7},
+}
+PROFILE_ORDER = ("full", "16gb", "12gb")  # fastest first
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    transformer_streamed: bool
+    text_encoder_streamed: bool
+    text_encoder_fp8: bool
+    tiled_decode_tiers: tuple[str, ...]
+
+
+def profile_spec(name: str, fp8: bool) -> Profile:
+    if name == "full":
+        return Profile(name, False, False, False, ("Ultra",))
+    if name == "16gb":
+        return Profile(name, False, not fp8, fp8, ("Ultra",))
+    if name == "12gb":
+        return Profile(name, not fp8, True, False, ("High", "Ultra"))
+    raise ValueError(f"unknown memory profile {name!r}")
 
 
 def configure_allocator() -> None:
@@ -39,25 +84,105 @@ def gpu_memory(device: str) -> tuple[int, int] | None:
     return torch.cuda.mem_get_info(torch.device(device))
 
 
-def resolve_profile(setting: str, device: str) -> str:
+def apply_memory_limit(device: str, limit_gib: float) -> None:
+    """Cap this process's GPU allocations (like a smaller card); must run before the model is placed."""
+    if limit_gib <= 0 or not device.startswith("cuda"):
+        return
+    total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    fraction = min(1.0, limit_gib * GIB / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, torch.device(device))
+    log.info("GPU memory capped at %.1f GiB (%.3f of %.1f GiB)", limit_gib, fraction, total / GIB)
+
+
+# Extra memory an untiled FLUX-VAE decode allocates per output pixel (bf16 activations at full resolution plus
+# GroupNorm's fp32 upcast), measured on the H100 (docs/PERFORMANCE.md).
+DECODE_BYTES_PER_PIXEL = 3072
+
+
+def fits_untiled_decode(device: str, width: int, height: int) -> bool:
+    """Whether a whole-image decode fits in what the allocator can still hand out; if not, tile it."""
+    if not device.startswith("cuda"):
+        return True
+    dev = torch.device(device)
+    free_card, total = torch.cuda.mem_get_info(dev)
+    reserved, allocated = torch.cuda.memory_reserved(dev), torch.cuda.memory_allocated(dev)
+    cap = total * torch.cuda.get_per_process_memory_fraction(dev)
+    available = min(free_card + reserved - allocated, cap - allocated)
+    return width * height * DECODE_BYTES_PER_PIXEL <= available
+
+
+def usable_gib(device: str) -> float | None:
+    """Memory this process may use: the card's total, or less under a per-process cap."""
+    if not device.startswith("cuda"):
+        return None
+    dev = torch.device(device)
+    total = torch.cuda.get_device_properties(dev).total_memory
+    return total * torch.cuda.get_per_process_memory_fraction(dev) / GIB
+
+
+def choose_profile(setting: str, usable: float | None, fp8: bool) -> str:
+    """`auto`: the fastest profile whose largest tier fits `usable` GiB (None: no GPU, nothing to fit)."""
     if setting != "auto":
         return setting
-    return "full"
+    if usable is None:
+        return "full"
+    for name in PROFILE_ORDER:
+        if max(EXPECTED_PEAK_GIB[(name, fp8)].values()) + HEADROOM_GIB <= usable:
+            return name
+    return PROFILE_ORDER[-1]
+
+
+def refusal(profile: str, fp8: bool, tier: str, usable: float | None) -> str | None:
+    """Why `tier` cannot be served by `profile` on this card, or None if it can."""
+    if usable is None:
+        return None
+    need = EXPECTED_PEAK_GIB[(profile, fp8)][tier]
+    if need + HEADROOM_GIB <= usable:
+        return None
+    ok = [t for t, gib in EXPECTED_PEAK_GIB[(profile, fp8)].items() if gib + HEADROOM_GIB <= usable]
+    instead = f"use {ok[-1]} or a smaller preset" if ok else "no preset fits; use a GPU with more memory"
+    return (f"{tier} needs about {need:.1f} GiB of GPU memory with the {profile} memory profile"
+            f"{' and fp8' if fp8 else ''}, and this GPU allows {usable:.1f} GiB: {instead}")
 
 
 class Placement:
-    """Device placement of text encoder, transformer and VAE for one memory profile."""
+    """Puts text encoder, transformer and VAE where a profile says, and moves them when memory is short."""
 
-    def __init__(self, pipe, device: str, profile: str):
-        self.pipe, self.device, self.profile = pipe, device, profile
+    def __init__(self, pipe, device: str, profile: Profile, fp8: bool):
+        self.pipe, self.device, self.profile, self.fp8 = pipe, device, profile, fp8
         self.text_encoder_shed = False
-
-    def place(self) -> None:
-        self.pipe.to(self.device)
 
     @property
     def on_gpu(self) -> bool:
         return self.device.startswith("cuda")
+
+    def place(self) -> None:
+        """Move each model to its place. fp8 weights are quantized as they arrive, one Linear at a time, so
+        the bf16 copy of a model never has to fit on the GPU at once (it would not, under a 12 GiB cap)."""
+        from . import speed
+
+        pipe, p = self.pipe, self.profile
+        pipe.vae.to(self.device)
+        if p.transformer_streamed:
+            stream_from_cpu(pipe.transformer, self.device)
+        elif self.fp8:
+            speed.quantize_fp8(pipe.transformer, device=self.device)
+        else:
+            pipe.transformer.to(self.device)
+        if p.text_encoder_streamed:
+            stream_from_cpu(pipe.text_encoder, self.device)
+        elif p.text_encoder_fp8:
+            speed.quantize_fp8(pipe.text_encoder, excluded=(), device=self.device)
+        else:
+            pipe.text_encoder.to(self.device)
+
+    @property
+    def text_encoder_device(self) -> str:
+        """Where encode_prompt's inputs go: the GPU, unless the text encoder was shed to the CPU."""
+        return "cpu" if self.text_encoder_shed else self.device
+
+    def tiled_decode(self, tier: str) -> bool:
+        return tier in self.profile.tiled_decode_tiers
 
     def before_encode(self) -> None:
         """Bring the text encoder back if an earlier OOM moved it off the GPU."""
@@ -66,10 +191,24 @@ class Placement:
             self.text_encoder_shed = False
 
     def shed_text_encoder(self) -> bool:
-        """Move the text encoder (8 GB in bf16) to the CPU to make room. True if that freed anything."""
-        if not self.on_gpu or self.text_encoder_shed:
+        """Move a resident bf16 text encoder (7.5 GiB) to the CPU to make room. True if that freed anything.
+        Streamed or fp8 encoders stay where they are: the first holds nothing between uses, the second is
+        cheaper to keep than to rebuild."""
+        p = self.profile
+        if not self.on_gpu or self.text_encoder_shed or p.text_encoder_streamed or p.text_encoder_fp8:
             return False
         self.pipe.text_encoder.to("cpu")
         self.text_encoder_shed = True
         log.info("text encoder moved to CPU to make room")
         return True
+
+
+def stream_from_cpu(module: torch.nn.Module, device: str) -> None:
+    """Keep `module` in pinned CPU memory and stream it to the GPU one block at a time, the next block
+    copying on a side stream while the current one computes (diffusers group offloading)."""
+    from diffusers.hooks import apply_group_offloading
+
+    on_gpu = device.startswith("cuda")
+    apply_group_offloading(module, onload_device=torch.device(device), offload_device=torch.device("cpu"),
+                           offload_type="block_level", num_blocks_per_group=1, use_stream=on_gpu,
+                           non_blocking=on_gpu)

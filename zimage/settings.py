@@ -58,6 +58,16 @@ def _positive_float(raw: str) -> float:
     return value
 
 
+def _gib(raw: str) -> float:
+    try:
+        value = float(str(raw).strip())
+    except ValueError:
+        raise ValueError("expected a number of GiB (0 for the whole card)") from None
+    if value < 0:
+        raise ValueError("expected a number of GiB (0 for the whole card)")
+    return value
+
+
 def _dtype(raw: str) -> str:
     value = raw.strip().lower()
     if value not in DTYPES:
@@ -134,6 +144,8 @@ OPTIONS: tuple[Option, ...] = (
            "fp8 rowwise transformer weights via torchao: auto (on where compute capability >= 8.9)"),
     Option("memory_profile", _choice(MEMORY_PROFILES), "auto",
            "which parts stay on the GPU: auto (chosen from the card's memory), full, 16gb, 12gb"),
+    Option("gpu_memory_limit", _gib, 0.0,
+           "GiB of the GPU this process may use, as if the card were that small (0: the whole card)"),
     Option("outputs", _path, Path("outputs"), "folder for generated images and their history index"),
     Option("host", _text, "127.0.0.1", "address to bind; 0.0.0.0 to serve other machines"),
     Option("port", _int_range(1, 65535), 7860, "port to bind"),
@@ -157,6 +169,7 @@ class Settings:
     compile: str = "auto"
     fp8: str = "off"
     memory_profile: str = "auto"
+    gpu_memory_limit: float = 0.0
     outputs: Path = Path("outputs")
     host: str = "127.0.0.1"
     port: int = 7860
