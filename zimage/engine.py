@@ -82,6 +82,7 @@ class EngineStats:
     # the deepest wait for the GPU: evidence for load tests that callers overlapped yet never shared the GPU.
     max_concurrent: int = 0
     max_waiting: int = 0
+    nonfinite_images: int = 0
     last_peak_vram_bytes: int | None = None
 
 
@@ -196,7 +197,8 @@ class Engine:
         return len(tok(text, add_special_tokens=False).input_ids)
 
     def generate(self, request: GenerationRequest | Job, *, on_progress: ProgressFn | None = None,
-                 cancel: threading.Event | None = None, allow_warming: bool = False) -> GenerationResult:
+                 cancel: threading.Event | None = None, allow_warming: bool = False,
+                 return_latents: bool = False) -> GenerationResult:
         """Run one request. Thread-safe; concurrent callers wait for the GPU in turn.
 
         Raises RequestError (bad input), GenerationCancelled, OutOfMemory, EngineUnavailable.
@@ -209,7 +211,8 @@ class Engine:
             self.stats.inflight += 1
             started = time.perf_counter()
             try:
-                result = self._run(job, on_progress or (lambda done, total: None), cancel or threading.Event())
+                result = self._run(job, on_progress or (lambda done, total: None), cancel or threading.Event(),
+                                   return_latents)
                 self.stats.completed += 1
                 return result
             except GenerationCancelled:
@@ -240,12 +243,13 @@ class Engine:
         raise EngineUnavailable(f"the model failed to load: {self.state_detail}")
 
     # ---- the three stages ------------------------------------------------------------------------
-    def _run(self, job: Job, on_progress: ProgressFn, cancel: threading.Event) -> GenerationResult:
+    def _run(self, job: Job, on_progress: ProgressFn, cancel: threading.Event,
+             return_latents: bool = False) -> GenerationResult:
         with self._concurrency_count:
             self._concurrent += 1
             self.stats.max_concurrent = max(self.stats.max_concurrent, self._concurrent)
         try:
-            result = self._run_stages(job, on_progress, cancel)
+            result = self._run_stages(job, on_progress, cancel, return_latents)
         finally:
             with self._concurrency_count:
                 self._concurrent -= 1
@@ -253,7 +257,8 @@ class Engine:
                  len(job.seeds), result.timings["total"])
         return result
 
-    def _run_stages(self, job: Job, on_progress: ProgressFn, cancel: threading.Event) -> GenerationResult:
+    def _run_stages(self, job: Job, on_progress: ProgressFn, cancel: threading.Event,
+                    return_latents: bool) -> GenerationResult:
         on_gpu = self.device.startswith("cuda")
         if on_gpu:
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -278,7 +283,7 @@ class Engine:
             embeds = timed("text_encode", lambda: self._with_oom_retry(
                 "text_encode", job, lambda: self._encode(job.prompt),
                 lambda: self._encode(job.prompt, shed=True), "text encoder on CPU", recoveries))
-            images = []
+            images, kept_latents = [], []
             for index, seed in enumerate(job.seeds):
                 check_cancel()
                 offset = index * job.steps
@@ -288,7 +293,9 @@ class Engine:
                     "text encoder moved off the GPU", recoveries))
                 check_cancel()
                 if not bool(torch.isfinite(latents).all()):
-                    warnings.append(f"image {index + 1} (seed {seed}) has non-finite values; it will look wrong")
+                    warnings.append(f"image {index + 1} (seed {seed}) has non-finite latents; it will look wrong")
+                if return_latents:
+                    kept_latents.append(latents.float().cpu())
                 tiled = job.vae_tiling or not memory.fits_untiled_decode(self.device, job.width, job.height)
                 images.append(timed("decode", lambda: self._with_oom_retry(
                     "decode", job, lambda: self._decode(latents, tiled=tiled),
@@ -301,7 +308,8 @@ class Engine:
         warnings += [f"ran out of GPU memory in {r}; recovered" for r in recoveries]
         return GenerationResult(images=images, seeds=list(job.seeds), prompt=job.prompt, preset=job.preset,
                                 width=job.width, height=job.height, steps=job.steps, timings=timings,
-                                peak_vram_bytes=peak, warnings=warnings, oom_retries=len(recoveries))
+                                peak_vram_bytes=peak, warnings=warnings, oom_retries=len(recoveries),
+                                latents=kept_latents or None)
 
     def _encode(self, prompt: str, shed: bool = False) -> list[torch.Tensor]:
         cached = self._embed_cache.get(prompt)
@@ -350,6 +358,9 @@ class Engine:
             if tiled:
                 vae.disable_tiling()
         # To uint8 on the device: 4x fewer bytes to copy than float32 (same formula as VaeImageProcessor).
+        if not bool(torch.isfinite(decoded).all()):
+            log.warning("non-finite pixels decoded (shown as black)")
+            self.stats.nonfinite_images += 1
         pixels = ((decoded[0].float() * 0.5 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
         return PIL.Image.fromarray(np.ascontiguousarray(pixels.permute(1, 2, 0).cpu().numpy()))
 

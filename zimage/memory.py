@@ -99,6 +99,11 @@ def apply_memory_limit(device: str, limit_gib: float) -> None:
 DECODE_BYTES_PER_PIXEL = 3072
 
 
+def _cap_fraction(dev: torch.device) -> float:
+    getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # torch >= 2.8
+    return getter(dev) if getter else 1.0
+
+
 def fits_untiled_decode(device: str, width: int, height: int) -> bool:
     """Whether a whole-image decode fits in what the allocator can still hand out; if not, tile it."""
     if not device.startswith("cuda"):
@@ -106,7 +111,7 @@ def fits_untiled_decode(device: str, width: int, height: int) -> bool:
     dev = torch.device(device)
     free_card, total = torch.cuda.mem_get_info(dev)
     reserved, allocated = torch.cuda.memory_reserved(dev), torch.cuda.memory_allocated(dev)
-    cap = total * torch.cuda.get_per_process_memory_fraction(dev)
+    cap = total * _cap_fraction(dev)
     available = min(free_card + reserved - allocated, cap - allocated)
     return width * height * DECODE_BYTES_PER_PIXEL <= available
 
@@ -117,7 +122,7 @@ def usable_gib(device: str) -> float | None:
         return None
     dev = torch.device(device)
     total = torch.cuda.get_device_properties(dev).total_memory
-    return total * torch.cuda.get_per_process_memory_fraction(dev) / GIB
+    return total * _cap_fraction(dev) / GIB
 
 
 def choose_profile(setting: str, usable: float | None, fp8: bool) -> str:

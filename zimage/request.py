@@ -95,6 +95,7 @@ class GenerationResult:
     peak_vram_bytes: int | None
     warnings: list[str] = field(default_factory=list)
     oom_retries: int = 0
+    latents: list | None = None  # final latents (float32, CPU) when asked for: quality checks compare them
 
 
 def _as_int(value: Any, param: str, what: str) -> int:

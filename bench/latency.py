@@ -1,0 +1,289 @@
+"""Latency benchmark of the project's engine: presets x speed settings, per stage, against the FLOP floor.
+
+    python bench/latency.py --model random-full --variants eager+native,compiled+cudnn,compiled+cudnn+fp8 \
+        --shapes Standard:1:1,Draft:1:1 --runs 10 --out latency.json
+
+A variant is '+'-joined tokens:
+    eager | compiled (the engine's own regional compile) | compiled-dyn (dynamic=True) | compiled-mat
+        (max-autotune-no-cudagraphs)
+    native | cudnn | flash | efficient | fa3 | fa2     attention backend (diffusers names _native_cudnn, ...)
+    fp8        torchao fp8 rowwise transformer (embedders, final layer, adaLN kept bf16)
+    tec        compile the text encoder too
+    nocleanup  skip the per-request cache release (to measure what it costs)
+Each variant gets a fresh engine. Per shape: the first call (compile included), then --runs timed runs.
+FLOPs are counted once per shape (torch.utils.flop_counter, compiled code forced eager) and turned into
+achieved TFLOP/s and the floor at the measured bf16 matmul peak. Prints a table; writes JSON as it goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from zimage import images, speed  # noqa: E402
+from zimage.engine import Engine  # noqa: E402
+from zimage.presets import ASPECTS, TIERS  # noqa: E402
+from zimage.request import GenerationRequest  # noqa: E402
+from zimage.settings import Settings  # noqa: E402
+
+# ~254 tokens with the tiny BPE tokenizer random-full uses, like the 254-token prompt of the references.
+PROMPT = ("A cinematic photograph of a young woman in a red Hanfu with intricate gold embroidery, holding a round "
+          "folding fan, standing in front of the Big Wild Goose Pagoda at night, neon lightning-bolt lamp glowing "
+          "above her left palm, soft bokeh city lights, shallow depth of field, 85mm lens, f/1.4, ultra detailed skin "
+          "texture, volumetric light, rain puddles reflecting signs, 8k")
+BF16_PEAK_TFLOPS = 798.0  # 8192^3 bf16 matmul measured on the device H100 (KINDS.md)
+ATTENTION = {"native": "native", "cudnn": "_native_cudnn", "flash": "_native_flash", "efficient": "_native_efficient",
+             "fa3": "_flash_3", "fa2": "flash"}
+
+
+def parse_variant(spec: str) -> dict:
+    tokens = spec.split("+")
+    v = {"name": spec, "compile": None, "attention": "native", "fp8": False, "tec": False, "cleanup": True}
+    for tok in tokens:
+        if tok in ("eager", "compiled", "compiled-dyn", "compiled-mat"):
+            v["compile"] = None if tok == "eager" else tok
+        elif tok in ATTENTION:
+            v["attention"] = ATTENTION[tok]
+        elif tok == "fp8":
+            v["fp8"] = True
+        elif tok == "tec":
+            v["tec"] = True
+        elif tok == "nocleanup":
+            v["cleanup"] = False
+        else:
+            raise SystemExit(f"unknown variant token {tok!r} in {spec!r}")
+    return v
+
+
+def make_engine(args, v) -> tuple[Engine, float]:
+    settings = Settings(model=args.model, device=args.device, attention=v["attention"],
+                        compile="on" if v["compile"] == "compiled" else "off", fp8="on" if v["fp8"] else "off",
+                        memory_profile="full", embed_cache=0, warmup="off", cache_dir=Path(args.cache_dir))
+    t0 = time.perf_counter()
+    engine = Engine.create(settings)
+    if v["compile"] in ("compiled-dyn", "compiled-mat"):
+        speed.use_compile_cache(settings.cache_dir / "inductor")
+        speed.compile_transformer(engine.pipe.transformer, dynamic=True if v["compile"] == "compiled-dyn" else None,
+                                  mode="max-autotune-no-cudagraphs" if v["compile"] == "compiled-mat" else None)
+        engine.compiled = True
+    if v["tec"]:
+        speed.compile_text_encoder(engine.pipe.text_encoder)
+    engine.release_after_request = v["cleanup"]
+    engine.mark_ready()
+    return engine, time.perf_counter() - t0
+
+
+def count_flops(engine: Engine, request: GenerationRequest) -> dict:
+    """FLOPs of one whole generation, by top-level model, with compiled regions forced eager."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.compiler.set_stance("force_eager"), counter:
+        engine.generate(request)
+    by_module = {name: sum(counts.values()) for name, counts in counter.get_flop_counts().items()
+                 if name.count(".") == 0 and name != "Global"}
+    return {"total": counter.get_total_flops(), "by_module": by_module}
+
+
+def summarize(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def run_variant(args, spec: str, flops_cache: dict, reference: dict, results: list, out: Path,
+                services: list) -> Engine | None:
+    v = parse_variant(spec)
+    engine, load_s = make_engine(args, v)
+    for shape in args.shapes.split(","):
+        tier, aspect = shape.split(":", 1)
+        assert tier in TIERS and aspect in ASPECTS, shape
+        request = GenerationRequest(PROMPT, preset=tier, aspect=aspect, seed=1234)
+        t0 = time.perf_counter()
+        first = engine.generate(request, return_latents=True)
+        first_s = time.perf_counter() - t0
+        if shape not in flops_cache:
+            flops_cache[shape] = count_flops(engine, request)
+        rows = []
+        for i in range(args.runs):
+            r = engine.generate(GenerationRequest(PROMPT, preset=tier, aspect=aspect, seed=1234 + i))
+            rows.append(r)
+        png = []
+        for r in rows[:3]:
+            t = time.perf_counter()
+            images.png_bytes(r.images[0], images.metadata(r, r.seeds[0], args.model))
+            png.append(time.perf_counter() - t)
+        enc = {}
+        for fmt in ("jpeg", "webp"):
+            t = time.perf_counter()
+            images.encode(rows[0].images[0], fmt)
+            enc[fmt] = time.perf_counter() - t
+        e2e = summarize([r.timings["total"] for r in rows])
+        flops = flops_cache[shape]["total"]
+        latents = first.latents[0]
+        entry = {
+            "variant": spec, "shape": shape, "width": first.width, "height": first.height, "steps": first.steps,
+            "runs": args.runs, "load_s": round(load_s, 2), "first_call_s": round(first_s, 2),
+            "e2e_s": {k: round(x, 4) for k, x in e2e.items()},
+            "text_encode_s": round(statistics.median(r.timings["text_encode"] for r in rows), 4),
+            "denoise_s": round(statistics.median(r.timings["denoise"] for r in rows), 4),
+            "decode_s": round(statistics.median(r.timings["decode"] for r in rows), 4),
+            "png_encode_s": round(statistics.median(png), 4), "jpeg_encode_s": round(enc["jpeg"], 4),
+            "webp_encode_s": round(enc["webp"], 4),
+            "peak_vram_gib": round(max(r.peak_vram_bytes or 0 for r in rows) / 2**30, 2),
+            "flops": flops, "flops_by_module": flops_cache[shape]["by_module"],
+            "achieved_tflops": round(flops / e2e["median"] / 1e12, 1),
+            "floor_s_at_bf16_peak": round(flops / (BF16_PEAK_TFLOPS * 1e12), 4),
+            "nonfinite": any("non-finite" in w for r in rows + [first] for w in r.warnings)
+            or not bool(torch.isfinite(latents).all()) or engine.stats.nonfinite_images > 0,
+        }
+        entry["per_step_ms"] = round(1000 * entry["denoise_s"] / entry["steps"], 1)
+        key = shape
+        if key not in reference:
+            reference[key] = {"variant": spec, "latents": latents, "image": first.images[0]}
+        else:
+            ref = reference[key]
+            entry["vs"] = ref["variant"]
+            entry["rel_l2_latents"] = round(float((latents - ref["latents"]).norm() / ref["latents"].norm()), 5)
+            a = torch.from_numpy(np.asarray(first.images[0], dtype=np.float32))
+            b = torch.from_numpy(np.asarray(ref["image"], dtype=np.float32))
+            entry["rel_l2_image"] = round(float((a - b).norm() / b.norm()), 5)
+        results.append(entry)
+        out.write_text(json.dumps({"device": device_name(), "torch": torch.__version__, "results": results,
+                                   "service": services}, indent=1))
+        print(json.dumps({k: entry[k] for k in ("variant", "shape", "e2e_s", "per_step_ms", "text_encode_s",
+                                                "first_call_s", "peak_vram_gib")}), flush=True)
+    if spec == args.service_variant:
+        service = {"variant": spec, "shape": "Standard:1:1", **service_and_cleanup(engine, args, args.runs)}
+        print(json.dumps(service), flush=True)
+        services.append(service)
+        out.write_text(json.dumps({"device": device_name(), "torch": torch.__version__, "results": results,
+                                   "service": services}, indent=1))
+    return engine
+
+
+def service_and_cleanup(engine: Engine, args, runs: int) -> dict:
+    """The same Standard request through the running app's /v1/images/generations vs a direct engine call,
+    per output format; then the per-request cache release on vs off, interleaved A/B on the same engine."""
+    import base64
+    import socket
+    import threading
+    import urllib.request
+
+    import uvicorn
+
+    from zimage.server import create_service
+
+    request = GenerationRequest(PROMPT, preset="Standard", aspect="1:1", seed=7)
+    settings = engine.settings.replace(outputs=Path(args.cache_dir) / "bench-outputs", queue_size=8)
+    service = create_service(settings, engine=engine)
+    sock = socket.create_server(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(service.app, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+
+    def direct() -> float:
+        t = time.perf_counter()
+        engine.generate(request)
+        return time.perf_counter() - t
+
+    def via_api(fmt: str) -> float:
+        body = json.dumps({"prompt": PROMPT, "quality": "Standard", "seed": 7, "output_format": fmt}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/images/generations", body,
+                                     {"Content-Type": "application/json"})
+        t = time.perf_counter()
+        with urllib.request.urlopen(req, timeout=600) as resp:
+            data = json.loads(resp.read())
+        elapsed = time.perf_counter() - t
+        base64.b64decode(data["data"][0]["b64_json"])
+        return elapsed
+
+    report: dict = {"direct_s": statistics.median([direct() for _ in range(runs)])}
+    for fmt in ("jpeg", "webp", "png"):
+        via_api(fmt)  # first call per format warms the encoder
+        report[f"api_{fmt}_s"] = statistics.median([via_api(fmt) for _ in range(runs)])
+        report[f"overhead_{fmt}_ms"] = round(1000 * (report[f"api_{fmt}_s"] - report["direct_s"]), 1)
+    service.store.flush()
+    server.should_exit = True
+    thread.join(timeout=30)
+
+    with_release, without = [], []
+    for i in range(2 * runs):
+        engine.release_after_request = i % 2 == 0
+        t = time.perf_counter()
+        engine.generate(request)
+        (with_release if i % 2 == 0 else without).append(time.perf_counter() - t)
+    engine.release_after_request = True
+    report["cleanup_on_s"] = statistics.median(with_release)
+    report["cleanup_off_s"] = statistics.median(without)
+    report["cleanup_cost_pct"] = round(100 * (report["cleanup_on_s"] / report["cleanup_off_s"] - 1), 2)
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in report.items()}
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def table(results: list[dict]) -> str:
+    head = (f"{'variant':<28} {'shape':<13} {'e2e med':>8} {'min':>7} {'max':>7} {'enc':>6} {'ms/step':>7} "
+            f"{'dec':>6} {'png':>6} {'1st':>6} {'GiB':>5} {'TFLOP/s':>7} {'floor':>6} {'relL2':>7} nan")
+    lines = [head]
+    for e in results:
+        lines.append(
+            f"{e['variant']:<28} {e['shape']:<13} {e['e2e_s']['median']:>8.3f} {e['e2e_s']['min']:>7.3f} "
+            f"{e['e2e_s']['max']:>7.3f} {e['text_encode_s']:>6.3f} {e['per_step_ms']:>7.1f} {e['decode_s']:>6.3f} "
+            f"{e['png_encode_s']:>6.3f} {e['first_call_s']:>6.1f} {e['peak_vram_gib']:>5.1f} "
+            f"{e['achieved_tflops']:>7.1f} {e['floor_s_at_bf16_peak']:>6.3f} "
+            f"{e.get('rel_l2_latents', float('nan')):>7.4f} {'NaN!' if e['nonfinite'] else 'ok'}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="random-full")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--variants", default="eager+native,compiled+native")
+    ap.add_argument("--shapes", default="Standard:1:1")
+    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--cache-dir", default=os.environ.get("ZIMAGE_CACHE_DIR", "/tmp/zimage-bench-cache"))
+    ap.add_argument("--out", default="latency.json")
+    ap.add_argument("--service-variant", default="", help="also time the HTTP API and cleanup on this variant")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    results, flops_cache, reference, services = [], {}, {}, []
+    for spec in args.variants.split(","):
+        engine = None
+        try:
+            engine = run_variant(args, spec, flops_cache, reference, results, out, services)
+        except Exception as exc:  # keep going: one broken variant must not lose the others' numbers
+            print(f"variant {spec} failed: {exc!r}"[:500], flush=True)
+            results_note = {"variant": spec, "error": repr(exc)[:500]}
+            out.with_suffix(".errors.jsonl").open("a").write(json.dumps(results_note) + "\n")
+        finally:
+            del engine
+            gc.collect()
+            torch.compiler.reset()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    print(table(results))
+    for sv in services:
+        print(f"service ({sv['variant']}): direct {sv['direct_s']:.3f}s; overhead jpeg {sv['overhead_jpeg_ms']} ms, "
+              f"webp {sv['overhead_webp_ms']} ms, png {sv['overhead_png_ms']} ms; cleanup on {sv['cleanup_on_s']:.3f}s "
+              f"off {sv['cleanup_off_s']:.3f}s ({sv['cleanup_cost_pct']:+.2f} %)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
