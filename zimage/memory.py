@@ -61,6 +61,12 @@ def profile_spec(name: str, fp8: bool) -> Profile:
     raise ValueError(f"unknown memory profile {name!r}")
 
 
+def cuda_device(device: str) -> torch.device:
+    """'cuda' -> cuda:<current>: some CUDA memory APIs refuse a device without an index."""
+    dev = torch.device(device)
+    return dev if dev.index is not None else torch.device("cuda", torch.cuda.current_device())
+
+
 def configure_allocator() -> None:
     """expandable_segments lets freed blocks be returned and re-grown without fragmenting the pool.
 
@@ -81,16 +87,17 @@ def gpu_memory(device: str) -> tuple[int, int] | None:
     """(free, total) bytes on the device, or None off CUDA."""
     if not device.startswith("cuda"):
         return None
-    return torch.cuda.mem_get_info(torch.device(device))
+    return torch.cuda.mem_get_info(cuda_device(device))
 
 
 def apply_memory_limit(device: str, limit_gib: float) -> None:
     """Cap this process's GPU allocations (like a smaller card); must run before the model is placed."""
     if limit_gib <= 0 or not device.startswith("cuda"):
         return
-    total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    dev = cuda_device(device)
+    total = torch.cuda.get_device_properties(dev).total_memory
     fraction = min(1.0, limit_gib * GIB / total)
-    torch.cuda.set_per_process_memory_fraction(fraction, torch.device(device))
+    torch.cuda.set_per_process_memory_fraction(fraction, dev)
     log.info("GPU memory capped at %.1f GiB (%.3f of %.1f GiB)", limit_gib, fraction, total / GIB)
 
 
@@ -108,7 +115,7 @@ def fits_untiled_decode(device: str, width: int, height: int) -> bool:
     """Whether a whole-image decode fits in what the allocator can still hand out; if not, tile it."""
     if not device.startswith("cuda"):
         return True
-    dev = torch.device(device)
+    dev = cuda_device(device)
     free_card, total = torch.cuda.mem_get_info(dev)
     reserved, allocated = torch.cuda.memory_reserved(dev), torch.cuda.memory_allocated(dev)
     cap = total * _cap_fraction(dev)
@@ -120,7 +127,7 @@ def usable_gib(device: str) -> float | None:
     """Memory this process may use: the card's total, or less under a per-process cap."""
     if not device.startswith("cuda"):
         return None
-    dev = torch.device(device)
+    dev = cuda_device(device)
     total = torch.cuda.get_device_properties(dev).total_memory
     return total * _cap_fraction(dev) / GIB
 
