@@ -18,6 +18,7 @@ Log lines the supervision monitor reads (keep them stable):
 from __future__ import annotations
 
 import collections
+import gc
 import logging
 import threading
 import time
@@ -151,6 +152,11 @@ class Engine:
     def mark_ready(self, warm_shapes: list[dict] | None = None) -> None:
         if self.state == "warming":
             self.warm_shapes = list(warm_shapes or [])
+            # Compiled graphs leave ~10^6 long-lived objects; a full gc.collect() walking them took 0.5 s per
+            # request on the H100 host (49 % of a Standard generation). Freezing them after warm-up keeps the
+            # per-request collection to what the request itself created.
+            gc.collect()
+            gc.freeze()
             self.state = "ready"
             log.info("engine ready")
 

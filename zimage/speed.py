@@ -99,7 +99,9 @@ def compile_transformer(transformer, dynamic: bool | None = None, mode: str | No
     transformer.compile_repeated_blocks(fullgraph=True, dynamic=dynamic, mode=mode)
 
 
-def compile_text_encoder(text_encoder) -> None:
-    """The pipeline pads every prompt to 512 tokens, so the text encoder always sees one shape: compile it
-    whole. Eager it is launch-bound (~2 TFLOP in 52-115 ms, where the math takes ~5 ms)."""
-    text_encoder.compile()
+def compile_text_encoder(text_encoder, mode: str | None = None) -> None:
+    """Regional compile of the text encoder's decoder layers: the pipeline pads every prompt to 512 tokens,
+    so they always see one shape. Eager it is launch-bound (3.9 TFLOP in 58-81 ms where the math needs ~5 ms);
+    compiling the whole 36-layer model instead took ~4 minutes on the H100."""
+    for layer in text_encoder.layers:
+        layer.compile(mode=mode)
