@@ -10,6 +10,7 @@ A variant is '+'-joined tokens:
     fp8        torchao fp8 rowwise transformer (embedders, final layer, adaLN kept bf16)
     tec        compile the text encoder's layers too (regional); teg: the same with CUDA graphs
     nocleanup  skip the per-request cache release (to measure what it costs)
+    @S;S       after the tokens: this variant's own shapes instead of --shapes, e.g. compiled+fp8@Standard:1:1
 Each variant gets a fresh engine. Per shape: the first call (compile included), then --runs timed runs.
 FLOPs are counted once per shape (torch.utils.flop_counter, compiled code forced eager) and turned into
 achieved TFLOP/s and the floor at the measured bf16 matmul peak. Prints a table; writes JSON as it goes.
@@ -48,8 +49,9 @@ ATTENTION = {"native": "native", "cudnn": "_native_cudnn", "flash": "_native_fla
 
 
 def parse_variant(spec: str) -> dict:
+    spec, _, shapes = spec.partition("@")
     tokens = spec.split("+")
-    v = {"name": spec, "compile": None, "attention": "native", "fp8": False, "tec": False, "cleanup": True}
+    v = {"name": spec, "shapes": shapes.replace(";", ",") or None, "compile": None, "attention": "native", "fp8": False, "tec": False, "cleanup": True}
     for tok in tokens:
         if tok in ("eager", "compiled", "compiled-dyn", "compiled-mat"):
             v["compile"] = None if tok == "eager" else tok
@@ -103,8 +105,9 @@ def summarize(values: list[float]) -> dict:
 def run_variant(args, spec: str, flops_cache: dict, reference: dict, results: list, out: Path,
                 services: list) -> Engine | None:
     v = parse_variant(spec)
+    spec = v["name"]
     engine, load_s = make_engine(args, v)
-    for shape in args.shapes.split(","):
+    for shape in (v["shapes"] or args.shapes).split(","):
         tier, aspect = shape.split(":", 1)
         assert tier in TIERS and aspect in ASPECTS, shape
         request = GenerationRequest(PROMPT, preset=tier, aspect=aspect, seed=1234)
@@ -164,7 +167,7 @@ def run_variant(args, spec: str, flops_cache: dict, reference: dict, results: li
                                    "service": services}, indent=1))
         print(json.dumps({k: entry[k] for k in ("variant", "shape", "e2e_s", "per_step_ms", "text_encode_s",
                                                 "first_call_s", "peak_vram_gib")}), flush=True)
-    if spec == args.service_variant:
+    if spec == args.service_variant.partition("@")[0]:
         service = {"variant": spec, "shape": "Standard:1:1", **service_and_cleanup(engine, args, args.service_runs)}
         print(json.dumps(service), flush=True)
         services.append(service)
