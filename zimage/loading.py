@@ -110,25 +110,37 @@ def _default_dtype(dtype: torch.dtype):
 
 
 def build_random_full(device: str, dtype: torch.dtype):
-    """Full-size Turbo architecture, random weights, created directly on `device` in `dtype`.
+    """Full-size Turbo architecture, random weights, in `dtype` on `device`.
 
-    Same parameter count, FLOPs and bytes as the real model; the pixels mean nothing. Matrices get
-    std 0.02 (like trained nets) so activations stay finite through 30 blocks. The tokenizer is the tiny
-    BPE one: token ids stay below its vocabulary, which the full-size embedding table covers.
+    Same parameter count, FLOPs and bytes as the real model; the pixels mean nothing. Built on the meta
+    device and then filled tensor by tensor: matrices N(0, 0.02) like trained nets (activations stay finite
+    through 30 blocks), norm scales 1, biases 0. Random numbers come from the GPU when there is one, so a
+    CPU-resident build (profiles that stream or quantize under a memory cap) takes seconds, not minutes,
+    and never holds more than one tensor on the GPU. The tokenizer is the tiny BPE one: its ids stay below
+    the full-size embedding table's.
     """
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
-    torch.manual_seed(0)
-    with _default_dtype(dtype):
-        with torch.device(device):
-            transformer = ZImageTransformer2DModel(**TURBO_TRANSFORMER).eval()
-            with torch.no_grad():
-                for p in transformer.parameters():
-                    if p.dim() >= 2:
-                        p.normal_(std=0.02)
-            vae = AutoencoderKL(**TURBO_VAE).eval()
-            text_encoder = Qwen3Model(Qwen3Config(**TURBO_TEXT_ENCODER)).eval()
+    with _default_dtype(dtype), torch.device("meta"):
+        transformer = ZImageTransformer2DModel(**TURBO_TRANSFORMER).eval()
+        vae = AutoencoderKL(**TURBO_VAE).eval()
+        text_encoder = Qwen3Model(Qwen3Config(**TURBO_TEXT_ENCODER)).eval()
+    rng_device = "cuda" if torch.cuda.is_available() else "cpu"
+    generator = torch.Generator(rng_device).manual_seed(0)
+    for module in (transformer, vae, text_encoder):
+        module.to_empty(device=device)
+        with torch.no_grad():
+            for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+                if tensor.dim() >= 2:
+                    tensor.copy_(torch.randn(tensor.shape, generator=generator, device=rng_device,
+                                             dtype=tensor.dtype).mul_(0.02))
+                elif name.endswith("bias"):
+                    tensor.zero_()
+                elif tensor.is_floating_point():
+                    tensor.fill_(1.0)
+    # Buffers computed at construction (rotary inverse frequencies) were lost on the meta device.
+    text_encoder.rotary_emb = type(text_encoder.rotary_emb)(text_encoder.config).to(device)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
-    return ZImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder.to(dtype),
-                          tokenizer=tiny.build_tokenizer(), transformer=transformer.to(dtype))
+    return ZImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tiny.build_tokenizer(),
+                          transformer=transformer)
