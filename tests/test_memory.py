@@ -14,7 +14,7 @@ def test_auto_profile_for_card_sizes_with_fp8(usable, expected):
     assert memory.choose_profile("auto", usable, fp8=True) == expected
 
 
-@pytest.mark.parametrize("usable,expected", [(79.2, "full"), (24.0, "16gb"), (16.0, "12gb"), (12.0, "12gb")])
+@pytest.mark.parametrize("usable,expected", [(79.2, "full"), (23.5, "16gb"), (16.0, "12gb"), (12.0, "12gb")])
 def test_auto_profile_for_card_sizes_without_fp8(usable, expected):
     assert memory.choose_profile("auto", usable, fp8=False) == expected
 
@@ -30,42 +30,46 @@ def test_auto_picks_fastest_profile_that_fits_and_explicit_choice_wins():
     assert memory.choose_profile("auto", None, fp8=False) == "full"  # CPU: nothing to fit
 
 
-def test_expected_peaks_grow_with_tier():
-    for peaks in memory.EXPECTED_PEAK_GIB.values():
-        values = [peaks[t] for t in presets.TIERS]
-        assert values == sorted(values)
+def test_every_profile_states_a_peak_for_every_tier():
+    for (profile, fp8), peaks in memory.EXPECTED_PEAK_GIB.items():
+        assert profile in memory.PROFILE_ORDER and list(peaks) == list(presets.TIERS)
+        spec = memory.profile_spec(profile, fp8)
+        for tier in presets.TIERS:  # untiled tiers never peak below a smaller untiled tier
+            if tier not in spec.tiled_decode_tiers and tier != "Draft":
+                smaller = [t for t in presets.TIERS if t not in spec.tiled_decode_tiers][0]
+                assert peaks[tier] >= peaks[smaller]
 
 
 def test_refusal_names_the_tier_the_memory_and_what_to_do():
-    message = memory.refusal("12gb", True, "Ultra", usable=9.0)
-    assert "Ultra" in message and "12gb" in message and "9.0 GiB" in message and "use Standard" in message
-    assert memory.refusal("12gb", True, "Draft", usable=9.0) is None
-    assert "no preset fits" in memory.refusal("12gb", True, "Draft", usable=4.0)
+    message = memory.refusal("16gb", True, "High", usable=14.0)
+    assert "High" in message and "16gb" in message and "14.0 GiB" in message and message.endswith("use Draft, Standard, Ultra")
+    assert memory.refusal("16gb", True, "Standard", usable=14.0) is None
+    assert "no preset fits" in memory.refusal("12gb", True, "Draft", usable=9.0)
     assert memory.refusal("full", False, "Ultra", usable=None) is None
 
 
 def test_engine_refuses_presets_its_profile_cannot_serve(tiny_settings, monkeypatch):
-    """A faked 9 GiB card with the 12gb profile: Ultra is refused with a message, Draft is served."""
+    """A faked 14 GiB card with the 16gb profile: High is refused with a message, the rest are served."""
     from zimage.engine import Engine
 
-    monkeypatch.setattr(memory, "usable_gib", lambda device: 9.0)
+    monkeypatch.setattr(memory, "usable_gib", lambda device: 14.0)
     engine = Engine(tiny_settings.replace(memory_profile="12gb", fp8="off"))
     engine.load()
     engine.mark_ready()
-    assert engine.describe()["memory_profile"] == "12gb" and engine.usable_gib == 9.0
+    assert engine.describe()["memory_profile"] == "12gb" and engine.usable_gib == 14.0
     refused = {}
     for tier in presets.TIERS:
         try:
             engine.resolve(GenerationRequest("a cat", preset=tier))
         except RequestError as exc:
             refused[tier] = exc
-    # 12gb without fp8 streams everything: every tier fits 9 GiB. With fp8 the resident transformer does not.
-    assert refused == {}
-    assert memory.refusal("12gb", True, "Ultra", 9.0) is not None
-    engine.fp8 = True  # as on an fp8-capable card: now the table says Ultra does not fit
+    assert refused == {}  # 12gb streams everything: every tier fits
+    engine.placement = memory.Placement(engine.pipe, "cpu", memory.profile_spec("16gb", True), True)
+    engine.fp8 = True  # as the 16gb profile on an fp8 card: the table says High needs 14.0 + 1 GiB
     with pytest.raises(RequestError) as info:
-        engine.generate(GenerationRequest("a cat", preset="Ultra"))
-    assert info.value.param == "preset" and "Ultra needs about" in str(info.value)
+        engine.generate(GenerationRequest("a cat", preset="High"))
+    assert info.value.param == "preset" and "High needs about 14.0 GiB" in str(info.value)
+    assert engine.resolve(GenerationRequest("a cat", preset="Ultra")).vae_tiling  # tiled Ultra fits
 
 
 def test_streamed_placement_generates_the_same_pixels(make_engine, shared_engine):

@@ -142,6 +142,8 @@ class Engine:
                 if not self.placement.profile.transformer_streamed:  # offload hooks and compile do not mix
                     speed.compile_transformer(pipe.transformer)
                     self.compiled = True
+                if not self.placement.profile.text_encoder_streamed:
+                    speed.compile_text_encoder(pipe.text_encoder)
             self.pipe = pipe
         except Exception as exc:
             self.state, self.state_detail = "failed", str(exc)

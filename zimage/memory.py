@@ -29,15 +29,16 @@ log = logging.getLogger("zimage.memory")
 GIB = 2**30
 HEADROOM_GIB = 1.0  # CUDA context (~0.5 GiB, outside the allocator's cap) + fragmentation
 
-# Expected peak allocated GiB per tier, by (profile, fp8). Measured on the H100 with random-full weights
-# (docs/PERFORMANCE.md, "VRAM tiers"); entries marked in that doc as predicted were not measured.
+# Expected peak allocated GiB per tier, by (profile, fp8). Measured on the H100 with random-full weights under
+# the profile's memory cap (docs/PERFORMANCE.md, "VRAM tiers"); "p" marks predictions (not measured: derived
+# from the measured rows by swapping bf16 and fp8 weight sizes). Tiled tiers can peak below untiled ones.
 EXPECTED_PEAK_GIB: dict[tuple[str, bool], dict[str, float]] = {
-    ("full", False): {"Draft": 21.0, "Standard": 21.6, "High": 22.4, "Ultra": 23.3},
-    ("full", True): {"Draft": 15.2, "Standard": 15.8, "High": 16.6, "Ultra": 17.5},
-    ("16gb", False): {"Draft": 13.0, "Standard": 13.6, "High": 14.4, "Ultra": 15.3},
-    ("16gb", True): {"Draft": 11.3, "Standard": 11.9, "High": 12.7, "Ultra": 13.6},
-    ("12gb", False): {"Draft": 3.5, "Standard": 4.1, "High": 4.9, "Ultra": 5.8},
-    ("12gb", True): {"Draft": 7.4, "Standard": 8.0, "High": 8.8, "Ultra": 9.7},
+    ("full", False): {"Draft": 20.5, "Standard": 21.5, "High": 22.9, "Ultra": 21.5},
+    ("full", True): {"Draft": 14.8, "Standard": 15.9, "High": 17.2, "Ultra": 15.9},  # p
+    ("16gb", False): {"Draft": 14.4, "Standard": 14.5, "High": 15.6, "Ultra": 14.5},  # p
+    ("16gb", True): {"Draft": 12.3, "Standard": 12.6, "High": 14.0, "Ultra": 12.7},  # Draft p
+    ("12gb", False): {"Draft": 3.0, "Standard": 3.2, "High": 3.2, "Ultra": 3.2},  # p
+    ("12gb", True): {"Draft": 8.5, "Standard": 8.5, "High": 8.5, "Ultra": 8.5},  # Draft p
 }
 PROFILE_ORDER = ("full", "16gb", "12gb")  # fastest first
 
@@ -102,7 +103,8 @@ def apply_memory_limit(device: str, limit_gib: float) -> None:
 
 
 # Extra memory an untiled FLUX-VAE decode allocates per output pixel (bf16 activations at full resolution plus
-# GroupNorm's fp32 upcast), measured on the H100 (docs/PERFORMANCE.md).
+# GroupNorm's fp32 upcast). Upper bound from the H100 runs: peak grew 2.4 KiB per pixel from Draft to High
+# (decode and transformer activations together); rounded up.
 DECODE_BYTES_PER_PIXEL = 3072
 
 
@@ -152,7 +154,7 @@ def refusal(profile: str, fp8: bool, tier: str, usable: float | None) -> str | N
     if need + HEADROOM_GIB <= usable:
         return None
     ok = [t for t, gib in EXPECTED_PEAK_GIB[(profile, fp8)].items() if gib + HEADROOM_GIB <= usable]
-    instead = f"use {ok[-1]} or a smaller preset" if ok else "no preset fits; use a GPU with more memory"
+    instead = f"use {', '.join(ok)}" if ok else "no preset fits; use a GPU with more memory"
     return (f"{tier} needs about {need:.1f} GiB of GPU memory with the {profile} memory profile"
             f"{' and fp8' if fp8 else ''}, and this GPU allows {usable:.1f} GiB: {instead}")
 

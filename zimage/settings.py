@@ -140,7 +140,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("dtype", _dtype, "auto", "auto (bf16 on CUDA, fp32 on CPU), bf16, fp32"),
     Option("attention", _attention, "auto", "attention backend: auto (fastest available) or a diffusers backend name"),
     Option("compile", _choice(ON_OFF_AUTO), "auto", "regional torch.compile of the transformer: auto (on for CUDA)"),
-    Option("fp8", _choice(ON_OFF_AUTO), "off",
+    Option("fp8", _choice(ON_OFF_AUTO), "auto",
            "fp8 rowwise transformer weights via torchao: auto (on where compute capability >= 8.9)"),
     Option("memory_profile", _choice(MEMORY_PROFILES), "auto",
            "which parts stay on the GPU: auto (chosen from the card's memory), full, 16gb, 12gb"),
@@ -167,7 +167,7 @@ class Settings:
     dtype: str = "auto"
     attention: str = "auto"
     compile: str = "auto"
-    fp8: str = "off"
+    fp8: str = "auto"
     memory_profile: str = "auto"
     gpu_memory_limit: float = 0.0
     outputs: Path = Path("outputs")
