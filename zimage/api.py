@@ -174,6 +174,8 @@ def install(app: FastAPI, *, engine, store, metrics, settings, ui_waiting) -> No
                 body = json.loads(raw)
             except (ValueError, UnicodeDecodeError) as exc:
                 raise ApiError(400, f"the request body is not valid JSON ({exc})") from None
+            except RecursionError:
+                raise ApiError(400, "the request body is nested too deeply to parse") from None
             gen_request, output_format = parse_generation_body(body)
             job = engine.resolve(gen_request)
         except RequestError as exc:
