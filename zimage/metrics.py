@@ -22,7 +22,7 @@ STATUSES = ("ok", "invalid", "busy", "cancelled", "oom", "unavailable", "error")
 
 
 class Metrics:
-    def __init__(self, engine, queue_depth: Callable[[], int]):
+    def __init__(self, engine, queue_depth: Callable[[], int], store=None):
         self.registry = registry = CollectorRegistry()
         self.requests = Counter("zimage_requests", "Generation requests by outcome and front end",
                                 ["status", "route"], registry=registry)
@@ -32,14 +32,12 @@ class Metrics:
                                        ["stage"], buckets=STAGE_BUCKETS, registry=registry)
         self.peak_vram = Histogram("zimage_peak_vram_bytes", "Peak GPU memory allocated per request",
                                    buckets=VRAM_BUCKETS, registry=registry)
-        self.save_errors = Counter("zimage_save_errors", "Images that could not be written to the outputs folder",
-                                   registry=registry)
         Gauge("zimage_queue_depth", "Requests waiting for the GPU (UI queue + JSON API)",
               registry=registry).set_function(queue_depth)
         Gauge("zimage_inflight", "Generations running on the GPU", registry=registry).set_function(
             lambda: engine.stats.inflight)
         ProcessCollector(registry=registry)  # process_resident_memory_bytes and friends
-        registry.register(_EngineCollector(engine))
+        registry.register(_EngineCollector(engine, store))
 
     def observe_result(self, result, route: str) -> None:
         self.requests.labels("ok", route).inc()
@@ -62,8 +60,8 @@ class Metrics:
 class _EngineCollector:
     """Engine counters and GPU memory, read when Prometheus scrapes."""
 
-    def __init__(self, engine):
-        self.engine = engine
+    def __init__(self, engine, store=None):
+        self.engine, self.store = engine, store
         self._nvml_handle = None
         self._nvml_failed = False
 
@@ -75,6 +73,11 @@ class _EngineCollector:
             oom.add_metric([kind], stats.oom[kind])
         yield oom
         yield CounterMetricFamily("zimage_cancelled", "Generations cancelled by the caller", value=stats.cancelled)
+        if self.store is not None:
+            yield CounterMetricFamily("zimage_save_errors", "Images that could not be written to the outputs folder",
+                                      value=self.store.errors)
+            yield CounterMetricFamily("zimage_saved_images", "Images written to the outputs folder",
+                                      value=self.store.saved)
         state = GaugeMetricFamily("zimage_engine_state", "1 for the engine's current state", labels=["state"])
         for name in ("loading", "warming", "ready", "failed", "fatal"):
             state.add_metric([name], 1.0 if self.engine.state == name else 0.0)

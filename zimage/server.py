@@ -38,7 +38,7 @@ def create_service(settings: Settings, engine: Engine | None = None) -> Service:
         queue = getattr(queue_holder[0], "_queue", None) if queue_holder else None
         return len(queue) if queue is not None else 0
 
-    metrics = Metrics(engine, queue_depth=lambda: ui_waiting() + engine.waiting)
+    metrics = Metrics(engine, queue_depth=lambda: ui_waiting() + engine.waiting, store=store)
     demo = ui.build(engine, store, metrics, settings)
     demo.queue(max_size=settings.queue_size, default_concurrency_limit=1)
     queue_holder.append(demo)

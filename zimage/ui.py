@@ -119,8 +119,7 @@ def build(engine, store, metrics, settings) -> gr.Blocks:
         for future in futures:
             try:
                 paths.append(str(future.result(timeout=120)))
-            except OSError as exc:
-                metrics.save_errors.inc()
+            except OSError as exc:  # counted by the store (zimage_save_errors_total)
                 errors.append(f"{exc.strerror or exc}")
         line = info_line(result)
         if errors:

@@ -1,0 +1,102 @@
+"""Short versions of the load and soak tests, and a full disk, run in CI (longer runs: python -m tests.load /
+python -m tests.soak). Reports land in test-artifacts/."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+
+import PIL.Image
+import pytest
+
+from tests import load, soak
+from tests.appserver import ROOT, AppProcess, http
+
+ARTIFACTS = ROOT / "test-artifacts"
+LOAD_SECONDS = float(os.environ.get("ZIMAGE_LOAD_SECONDS", "60"))
+SOAK_REQUESTS = int(os.environ.get("ZIMAGE_SOAK_REQUESTS", "200"))
+
+
+def save_report(name: str, report: dict) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / name).write_text(json.dumps(report, indent=1))
+
+
+def test_load_16_clients_queue_8(tmp_path, cache_dir):
+    server = AppProcess(tmp_path, cache_dir, "--queue-size", "8", "--warmup", "off").start()
+    try:
+        server.wait_ready()
+        report = load.run(server.url, clients=16, seconds=LOAD_SECONDS)
+    finally:
+        server.stop()
+    save_report("load-report.json", report)
+    print("\n" + load.table(report))
+    assert report["errors"] == []
+    assert report["max_engine_concurrency"] == 1
+    assert report["completed_by_route"]["gradio"] > 0 and report["completed_by_route"]["openai"] > 0
+    assert report["rejected_busy"] > 0  # 16 clients against a queue of 8: the limit really bit
+    assert report["queue_depth"]["max"] >= 1
+
+
+def test_soak_memory_files_and_threads_stay_flat(tmp_path, cache_dir):
+    server = AppProcess(tmp_path, cache_dir).start()
+    try:
+        server.wait_ready()
+        report = soak.run(server.url, server.proc.pid, SOAK_REQUESTS)
+    finally:
+        server.stop()
+    save_report("soak-report.json", report)
+    print(f"\nsoak: RSS {report['rss_growth_pct']:+.2f} %, fds {report['fd_growth']:+d}, threads "
+          f"{report['thread_growth']:+d} over {report['requests']} requests in {report['seconds']} s")
+    assert report["failures"] == []
+    assert abs(report["rss_growth_pct"]) <= 100 * soak.RSS_TOLERANCE
+    assert report["fd_growth"] <= soak.COUNT_SLACK and report["thread_growth"] <= soak.COUNT_SLACK
+
+
+@pytest.fixture
+def full_outputs(tmp_path):
+    """An outputs folder on a 64 KiB tmpfs (a PNG of noise is bigger). Where mounting is not allowed, a folder
+    whose date subfolder is a plain file, so every save fails with an OSError all the same."""
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(outputs)],
+                             capture_output=True).returncode == 0
+    if not mounted:
+        (outputs / time.strftime("%Y-%m-%d")).write_text("not a folder")
+    yield outputs, mounted
+    if mounted:
+        subprocess.run(["umount", str(outputs)], check=False)
+
+
+def test_full_disk_returns_images_says_why_and_keeps_serving(tmp_path, cache_dir, full_outputs):
+    outputs, mounted = full_outputs
+    server = AppProcess(tmp_path, cache_dir, "--warmup", "off")
+    server.args[server.args.index("--outputs") + 1] = str(outputs)
+    server.start()
+    body = json.dumps({"prompt": "a noisy picture", "size": "512x512", "steps": 1, "seed": 1}).encode()
+    headers = {"Content-Type": "application/json"}
+    try:
+        server.wait_ready()
+        status, _, payload = http("POST", server.url + "/v1/images/generations", body, headers)
+        assert status == 200 and json.loads(payload)["data"][0]["b64_json"]  # the caller still gets the image
+        deadline = time.monotonic() + 30
+        while load.metric_value(http("GET", server.url + "/metrics")[2].decode(), "zimage_save_errors_total") != 1:
+            assert time.monotonic() < deadline, "the failed save was not counted"
+            time.sleep(0.2)
+        status, _, payload = http("POST", server.url + "/v1/images/generations", body, headers)
+        answer = json.loads(payload)
+        assert status == 200 and answer["data"]
+        warning = " ".join(answer["zimage"]["warnings"])
+        assert "not being saved" in warning and ("No space left" in warning or not mounted)
+        ready = json.loads(http("GET", server.url + "/readyz")[2])
+        assert "outputs_error" in ready
+    finally:
+        server.stop()
+    leftovers = [p for p in outputs.rglob("*") if p.is_file() and p.name != time.strftime("%Y-%m-%d")]
+    for path in leftovers:  # whatever did get written is whole
+        assert not path.name.endswith(".tmp"), path
+        if path.suffix == ".png":
+            PIL.Image.open(path).verify()
+    assert "save failed" in server.log()
