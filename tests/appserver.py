@@ -67,6 +67,19 @@ class AppProcess:
             time.sleep(0.1)
         raise TimeoutError(f"app not ready after {timeout}s:\n{self.log()}")
 
+    def __enter__(self) -> "AppProcess":
+        """Started and ready; stopped on exit, whatever happened."""
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 

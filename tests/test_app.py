@@ -22,12 +22,8 @@ SMALL = {"size": "256x256", "steps": 2}
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory, cache_dir):
-    server = AppProcess(tmp_path_factory.mktemp("app"), cache_dir).start()
-    try:
-        server.wait_ready()
+    with AppProcess(tmp_path_factory.mktemp("app"), cache_dir) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def post(server, body, headers=None, raw: bytes | None = None):
@@ -183,12 +179,8 @@ def test_metrics_move(app):
 
 @pytest.fixture(scope="module")
 def small_queue_app(tmp_path_factory, cache_dir):
-    server = AppProcess(tmp_path_factory.mktemp("queue1"), cache_dir, "--queue-size", "1", "--warmup", "off").start()
-    try:
-        server.wait_ready()
+    with AppProcess(tmp_path_factory.mktemp("queue1"), cache_dir, "--queue-size", "1", "--warmup", "off") as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_full_queue_answers_429_with_retry_after(small_queue_app):
@@ -228,12 +220,8 @@ def test_full_ui_queue_says_busy(small_queue_app):
 
 @pytest.fixture(scope="module")
 def auth_app(tmp_path_factory, cache_dir):
-    server = AppProcess(tmp_path_factory.mktemp("auth"), cache_dir, "--auth", "ann:s3cret", "--warmup", "off").start()
-    try:
-        server.wait_ready()
+    with AppProcess(tmp_path_factory.mktemp("auth"), cache_dir, "--auth", "ann:s3cret", "--warmup", "off") as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_auth_rejects_wrong_credentials(auth_app):

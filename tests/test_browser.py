@@ -37,12 +37,8 @@ def browser():
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory, cache_dir):
-    server = AppProcess(tmp_path_factory.mktemp("browser"), cache_dir).start()
-    try:
-        server.wait_ready()
+    with AppProcess(tmp_path_factory.mktemp("browser"), cache_dir) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_generate_in_the_browser(browser, app):

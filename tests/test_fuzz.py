@@ -29,12 +29,8 @@ COST_LIMIT = 512 * 512 * 4  # pixels x steps x images a fuzz case may cost
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory, cache_dir):
-    server = AppProcess(tmp_path_factory.mktemp("fuzz"), cache_dir, "--warmup", "off").start()
-    try:
-        server.wait_ready()
+    with AppProcess(tmp_path_factory.mktemp("fuzz"), cache_dir, "--warmup", "off") as server:
         yield server
-    finally:
-        server.stop()
 
 
 json_leaf = st.one_of(st.none(), st.booleans(), st.integers(min_value=-2**70, max_value=2**70),

@@ -25,12 +25,8 @@ def save_report(name: str, report: dict) -> None:
 
 
 def test_load_16_clients_queue_8(tmp_path, cache_dir):
-    server = AppProcess(tmp_path, cache_dir, "--queue-size", "8", "--warmup", "off").start()
-    try:
-        server.wait_ready()
+    with AppProcess(tmp_path, cache_dir, "--queue-size", "8", "--warmup", "off") as server:
         report = load.run(server.url, clients=16, seconds=LOAD_SECONDS)
-    finally:
-        server.stop()
     save_report("load-report.json", report)
     print("\n" + load.table(report))
     assert report["errors"] == []
@@ -41,12 +37,8 @@ def test_load_16_clients_queue_8(tmp_path, cache_dir):
 
 
 def test_soak_memory_files_and_threads_stay_flat(tmp_path, cache_dir):
-    server = AppProcess(tmp_path, cache_dir).start()
-    try:
-        server.wait_ready()
+    with AppProcess(tmp_path, cache_dir) as server:
         report = soak.run(server.url, server.proc.pid, SOAK_REQUESTS)
-    finally:
-        server.stop()
     save_report("soak-report.json", report)
     print(f"\nsoak: RSS {report['rss_growth_pct']:+.2f} %, fds {report['fd_growth']:+d}, threads "
           f"{report['thread_growth']:+d} over {report['requests']} requests in {report['seconds']} s")
