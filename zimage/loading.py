@@ -41,7 +41,7 @@ class ModelLoadError(RuntimeError):
 
 def describe(model: str) -> str:
     if model == "tiny":
-        return "tiny offline demo model (draws coloured shapes; English and Chinese prompts)"
+        return "tiny offline demo model (coloured shapes on coloured backgrounds; English and Chinese prompts)"
     if model == "tiny-random":
         return "tiny model with random weights (tests)"
     if model == RANDOM_FULL:

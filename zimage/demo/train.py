@@ -8,7 +8,8 @@
 2. Transformer (`ZImageTransformer2DModel`) by flow matching on those latents, conditioned on prompt
    embeddings from `ZImagePipeline.encode_prompt` itself (chat template, `hidden_states[-2]` of the frozen
    random Qwen3, padding dropped), at 256x256, small custom sizes and every preset size, at sigmas drawn the
-   way the pipeline spaces them (shift 3) and at the exact sigmas of 3-, 4-, 6- and 8-step runs.
+   way the pipeline spaces them (shift 3), at the exact sigmas of 3-, 4-, 6- and 8-step runs, and often at
+   sigma 1. `--resume FOLDER` starts from a saved model's VAE (kept as is) and transformer.
 3. `save_pretrained` plus SHA256SUMS, then (not in --smoke) a report on held-out prompts through the Engine.
 
 Sign convention, from ZImagePipeline.__call__: the transformer gets timestep (1000 - t) / 1000 = 1 - sigma,
@@ -42,12 +43,17 @@ TRANSFORMER = dict(dim=128, n_layers=3, n_refiner_layers=1, n_heads=4, n_kv_head
                    cap_feat_dim=tiny.TEXT_ENCODER["hidden_size"], axes_dims=[8, 12, 12], axes_lens=[1536, 512, 512])
 # No mid-block attention: decoding cost stays linear in pixels and the decoder works the same at any size.
 # sample_size 1024 makes tiled decoding use 1024-pixel tiles, like the real FLUX VAE.
-NORM_GROUPS = int(__import__("os").environ.get("NG", "1"))
-VAE = {**tiny.VAE, "block_out_channels": [8, 16, 32, 32], "norm_num_groups": NORM_GROUPS, "sample_size": 1024,
+# One GroupNorm group: with one group per channel (tiny-random's 8 groups on 8 channels) a flat colour
+# normalises to zero, and the VAE cannot learn which colour it was.
+VAE = {**tiny.VAE, "block_out_channels": [8, 16, 32, 32], "norm_num_groups": 1, "sample_size": 1024,
        "mid_block_add_attention": False}
 VAE_SIZES = [(256, 256), (192, 320), (320, 192), (128, 384), (384, 128)]
 GRID_STEP_COUNTS = (3, 4, 6, 8)  # sigmas of these runs are trained exactly, not only nearby
 GRID_FRACTION = 0.3
+# Pure noise (sigma 1, the first step of every run) is where the picture is decided from the caption alone;
+# at any lower sigma the transformer can read the layout off its noisy input instead. Without extra weight
+# there, a short run learns to denoise but starts every picture as an empty background.
+SIGMA_ONE_FRACTION = 0.25
 PRESET_FRACTION = 0.4  # of transformer batches at a preset's size (the rest: 256x256 and small custom sizes)
 SIZE_256_FRACTION = 0.3
 
@@ -146,13 +152,15 @@ def inference_sigmas(scheduler_config, steps: int) -> list[float]:
     return scheduler.sigmas[:-1].tolist()
 
 
-def sample_sigmas(n: int, grid: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Shift-3 spaced sigmas (uniform s, then the scheduler's shift), some exactly on inference grids."""
+def sample_sigmas(n: int, grid: torch.Tensor, generator: torch.Generator, one_fraction: float) -> torch.Tensor:
+    """Shift-3 spaced sigmas (uniform s, then the scheduler's shift), some exactly on inference grids, some 1."""
     device = grid.device
     s = 1 - torch.rand(n, generator=generator, device=device)  # (0, 1]
     spaced = SHIFT * s / (1 + (SHIFT - 1) * s)
     on_grid = grid[torch.randint(len(grid), (n,), generator=generator, device=device)]
-    return torch.where(torch.rand(n, generator=generator, device=device) < GRID_FRACTION, on_grid, spaced)
+    roll = torch.rand(n, generator=generator, device=device)
+    sigma = torch.where(roll < GRID_FRACTION, on_grid, spaced)
+    return torch.where(roll > 1 - one_fraction, torch.ones_like(sigma), sigma)
 
 
 def training_size(rng: random.Random, fixed: tuple[int, int] | None) -> tuple[int, int]:
@@ -174,7 +182,7 @@ def train_transformer(pipe, args, rng: random.Random, device) -> list[float]:
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
     captions_to_embeds = CaptionEmbeddings(pipe, device)
-    if not args.smoke:
+    if torch.device(device).type == "cuda":
         captions_to_embeds(scenes.every_caption())  # all at once, so training steps never wait for the encoder
     grid = torch.tensor(sorted({s for n in GRID_STEP_COUNTS for s in inference_sigmas(pipe.scheduler.config, n)}),
                         device=device)
@@ -183,7 +191,7 @@ def train_transformer(pipe, args, rng: random.Random, device) -> list[float]:
     losses, started, step = [], time.perf_counter(), 0
     while (progress := max(step / args.steps, (time.perf_counter() - started) / args.time_limit)) < 1:
         for group in opt.param_groups:
-            group["lr"] = lr_at(args.lr, step, progress, warmup=200)
+            group["lr"] = lr_at(args.lr, step, progress, warmup=args.warmup)
         width, height = training_size(rng, args.size)
         batch = max(1, min(args.max_batch, args.batch_tokens // ((width // 16) * (height // 16))))
         drawn = [scenes.sample_scene(rng) for _ in range(batch)]
@@ -192,7 +200,7 @@ def train_transformer(pipe, args, rng: random.Random, device) -> list[float]:
             images = scenes.render(drawn, width, height, rng, device)
             x0 = (vae.encode(images).latent_dist.mode() - shift) * scale  # inverse of the pipeline's decode
         noise = torch.randn(x0.shape, generator=noise_gen, device=device)
-        sigma = sample_sigmas(batch, grid, noise_gen)
+        sigma = sample_sigmas(batch, grid, noise_gen, args.sigma_one)
         s = sigma.view(-1, 1, 1, 1)
         noisy = (1 - s) * x0 + s * noise
         timestep = (1000 - sigma * 1000) / 1000  # what the pipeline passes for t = sigma * 1000
@@ -220,6 +228,14 @@ def train_transformer(pipe, args, rng: random.Random, device) -> list[float]:
     print(f"transformer: {step} steps in {time.perf_counter() - started:.0f}s, loss {recent_mean(losses):.4f}",
           flush=True)
     return [float(l) for l in torch.stack(losses).cpu()]
+
+
+def resumed_from(folder: Path | None) -> dict | None:
+    """The starting folder and its own training record, so a chain of runs stays on record."""
+    if folder is None:
+        return None
+    record = folder / "training.json"
+    return {"folder": str(folder), **(json.loads(record.read_text()) if record.is_file() else {})}
 
 
 def write_checksums(folder: Path) -> None:
@@ -303,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-tokens", type=int, default=12288, help="image tokens per transformer batch")
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--ema", type=float, default=0.999)
+    parser.add_argument("--sigma-one", type=float, default=SIGMA_ONE_FRACTION,
+                        help="fraction of transformer samples at sigma 1 (pure noise)")
+    parser.add_argument("--warmup", type=int, default=200, help="transformer warm-up steps")
     parser.add_argument("--log-every", type=int, default=200)
     parser.add_argument("--size", type=lambda v: tuple(int(x) for x in v.split("x")), metavar="WxH",
                         help="train at this one size only (quick CPU trials) instead of the size mix")
@@ -337,8 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     losses = train_transformer(pipe, args, rng, device)
 
     info = {"command": "python -m zimage.demo.train " + " ".join(sys.argv[1:] if argv is None else argv),
-            "seed": args.seed, "resumed_from": str(args.resume) if args.resume else None,
-            "vae_steps": len(vae_losses), "vae_final_loss": round(sum(vae_losses[-100:]) / max(1, len(vae_losses[-100:])), 5),
+            "seed": args.seed, "resumed_from": resumed_from(args.resume),
+            "vae_steps": len(vae_losses),
+            "vae_final_loss": round(sum(vae_losses[-100:]) / len(vae_losses[-100:]), 5) if vae_losses else None,
             "transformer_steps": len(losses), "transformer_final_loss": round(sum(losses[-200:]) / len(losses[-200:]), 5),
             "vae_time_limit": args.vae_time_limit, "time_limit": args.time_limit,
             "seconds": round(time.perf_counter() - started), "device": torch.cuda.get_device_name(device)
