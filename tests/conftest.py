@@ -24,7 +24,7 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_settings(cache_dir) -> Settings:
-    return Settings(model="tiny", device="cpu", cache_dir=cache_dir, oom_fatal_count=100)
+    return Settings(model="tiny-random", device="cpu", cache_dir=cache_dir, oom_fatal_count=100)
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from . import tiny
+from . import demo, tiny
 from .settings import Settings
 
 log = logging.getLogger("zimage.loading")
@@ -40,8 +40,10 @@ class ModelLoadError(RuntimeError):
 
 
 def describe(model: str) -> str:
-    if model in TINY_NAMES:
-        return "tiny offline demo model (random weights)"
+    if model == "tiny":
+        return "tiny offline demo model (coloured shapes on coloured backgrounds; English and Chinese prompts)"
+    if model == "tiny-random":
+        return "tiny model with random weights (tests)"
     if model == RANDOM_FULL:
         return "full-size Z-Image-Turbo architecture with random weights (benchmarks only)"
     return model
@@ -67,7 +69,13 @@ def load_pipeline(settings: Settings, build_device: str = "cpu"):
     from diffusers import ZImagePipeline
 
     model, dtype = settings.model, settings.torch_dtype()
-    if model in TINY_NAMES:
+    if model == "tiny":
+        if not (demo.MODEL_DIR / "model_index.json").is_file():
+            raise ModelLoadError(f"--model tiny: the demo model is missing from {demo.MODEL_DIR} (it ships with the "
+                                 "repository; restore it with git, or re-create it with `python -m zimage.demo.train`)")
+        log.info("loading the demo model from %s", demo.MODEL_DIR)
+        return ZImagePipeline.from_pretrained(demo.MODEL_DIR, dtype=dtype)
+    if model == "tiny-random":
         folder = tiny.ensure_tiny_model(settings.cache_dir)
         log.info("loading tiny model from %s", folder)
         return ZImagePipeline.from_pretrained(folder, dtype=dtype)

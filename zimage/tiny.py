@@ -53,16 +53,25 @@ VAE = dict(down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecod
            use_post_quant_conv=False, force_upcast=True)
 
 
-def build_tokenizer(vocab_size: int = 512):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tokenizer(vocab_size: int = 512, corpus: list[str] | None = None, split_cjk: bool = False):
+    """Byte-level BPE whose merges come from `corpus` (default: the tiny model's own sentences).
+
+    `split_cjk` makes every CJK character (and full-width punctuation) its own pre-token, so merges never
+    span characters: "红色圆形" becomes 红 色 圆 形, not arbitrary chunks like "色圆形".
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split_cjk:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex("[\u3000-\u303f\u4e00-\u9fff\uff00-\uffef]"), behavior="isolated"),
+            tok.pre_tokenizer])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=_SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_CORPUS, trainer)
+    tok.train_from_iterator(_CORPUS if corpus is None else corpus, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    model_max_length=32768)
     fast.chat_template = CHAT_TEMPLATE
