@@ -18,6 +18,7 @@ Log lines the supervision monitor reads (keep them stable):
 from __future__ import annotations
 
 import collections
+import dataclasses
 import gc
 import logging
 import threading
@@ -190,12 +191,12 @@ class Engine:
             if reason:
                 raise RequestError(reason, "preset")
             if not job.vae_tiling and self.placement.tiled_decode(tier.name):
-                job = Job(**{**job.__dict__, "vae_tiling": True})
+                job = dataclasses.replace(job, vae_tiling=True)
         if self.pipe is not None:
             n_tokens = self.count_prompt_tokens(job.prompt)
             if n_tokens > MAX_SEQUENCE_LENGTH:
-                job = Job(**{**job.__dict__, "warnings": job.warnings + (
-                    f"prompt is {n_tokens} tokens; only the first {MAX_SEQUENCE_LENGTH} were used",)})
+                job = dataclasses.replace(job, warnings=job.warnings + (
+                    f"prompt is {n_tokens} tokens; only the first {MAX_SEQUENCE_LENGTH} were used",))
         return job
 
     def count_prompt_tokens(self, prompt: str) -> int:
