@@ -5,13 +5,15 @@ of skipping."""
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.appserver import ROOT, AppProcess
+from tests.appserver import ROOT, AppProcess, http
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = ROOT / "test-artifacts"
@@ -60,4 +62,30 @@ def test_generate_in_the_browser(browser, app):
 
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "browser-generate.png"), full_page=True)
+    page.close()
+
+
+def test_png_read_back_tab_fills_the_form(browser, app, tmp_path):
+    body = json.dumps({"prompt": "蓝色背景上的红色圆形", "quality": "Draft", "aspect": "16:9", "seed": 4242,
+                       "steps": 2}).encode()
+    status, _, payload = http("POST", app.url + "/v1/images/generations", body, {"Content-Type": "application/json"})
+    assert status == 200
+    png = tmp_path / "made-here.png"
+    png.write_bytes(base64.b64decode(json.loads(payload)["data"][0]["b64_json"]))
+
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(app.url, wait_until="load", timeout=60_000)
+    page.get_by_role("tab", name="Read PNG parameters").click()
+    page.locator("input[type=file]").set_input_files(str(png))
+    params = page.get_by_label("parameters")
+    page.wait_for_function("el => el.value.includes('Seed: 4242')", arg=params.element_handle(), timeout=30_000)
+    assert "Steps: 2" in params.input_value() and "Size: 1024x576" in params.input_value()
+    page.get_by_role("button", name="Send to Generate").click()
+    prompt = page.locator("#prompt textarea")
+    page.wait_for_function("el => el.value.length > 0", arg=prompt.element_handle(), timeout=30_000)
+    assert prompt.input_value() == "蓝色背景上的红色圆形"
+    assert page.get_by_label("Seed", exact=True).input_value() == "4242"
+    assert not page.get_by_label("Random seed").is_checked()
+    assert "16:9" in page.locator("#aspect input").input_value()
+    page.screenshot(path=str(ARTIFACTS / "browser-read-back.png"), full_page=True)
     page.close()

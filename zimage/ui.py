@@ -135,7 +135,9 @@ def build(engine, store, metrics, settings) -> gr.Blocks:
         return [(e["path"], f"{e['prompt'][:80]} · seed {e['seed']}") for e in store.recent(24)]
 
     def on_quality(tier, aspect):
-        return gr.update(choices=aspect_choices(tier), value=aspect), size_note(tier, aspect)
+        # Only relabel the sizes: setting the value here would undo an aspect set in the same update
+        # (Send to Generate sets quality and aspect together).
+        return gr.update(choices=aspect_choices(tier)), size_note(tier, aspect)
 
     def read_back(data):
         if not data:
