@@ -285,3 +285,27 @@ def test_engine_refuses_work_until_ready(tiny_settings):
 
     report = warm_up(engine)
     assert engine.state == "ready" and report[0]["seconds"] > 0 and engine.warm_shapes == report
+
+
+@pytest.mark.parametrize("prompt", ["a lighthouse", " ".join(f"word{i}" for i in range(150)),
+                                    " ".join(f"word{i}" for i in range(600))])
+def test_text_encoder_sees_the_prompt_padded_to_a_bucket_with_the_same_embeddings(make_engine, prompt):
+    """The engine pads to the next multiple of 64 tokens, not to 512; the causal encoder's states for the
+    prompt's own tokens must come out as the pipeline's 512-token encoding gives them."""
+    from zimage.engine import MAX_SEQUENCE_LENGTH, encode_length
+
+    engine = make_engine()
+    lengths = []
+    handle = engine.pipe.text_encoder.register_forward_pre_hook(
+        lambda mod, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        bucketed = engine._encode(prompt)
+    finally:
+        handle.remove()
+    n_tokens = engine.count_prompt_tokens(prompt)
+    assert lengths == [encode_length(n_tokens)] and lengths[0] % 64 == 0
+    assert lengths[0] == MAX_SEQUENCE_LENGTH if n_tokens > MAX_SEQUENCE_LENGTH else lengths[0] < 2 * n_tokens + 64
+    full, _ = engine.pipe.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False,
+                                        max_sequence_length=MAX_SEQUENCE_LENGTH)
+    assert bucketed[0].shape == full[0].shape == (min(n_tokens, MAX_SEQUENCE_LENGTH), full[0].shape[1])
+    torch.testing.assert_close(bucketed[0], full[0], rtol=1e-5, atol=1e-5)

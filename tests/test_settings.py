@@ -61,3 +61,17 @@ def test_readme_documents_every_setting():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     for opt in OPTIONS:
         assert f"`{opt.flag}`" in readme and f"`{opt.env}`" in readme, opt.name
+
+
+def test_fp8_follows_the_dtype():
+    """torchao's rowwise fp8 quantizes bf16 weights only: auto stands down for fp32, on says what to change."""
+    import torch
+
+    from zimage import speed
+
+    assert speed.fp8_wanted("auto", "cuda", torch.float32) is False
+    assert speed.fp8_wanted("off", "cuda", torch.bfloat16) is False
+    with pytest.raises(RuntimeError, match="--fp8 on needs --dtype bf16"):
+        speed.fp8_wanted("on", "cuda", torch.float32)
+    with pytest.raises(RuntimeError, match="compute capability"):
+        speed.fp8_wanted("on", "cpu", torch.bfloat16)

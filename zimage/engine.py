@@ -38,6 +38,14 @@ from .settings import Settings
 log = logging.getLogger("zimage.engine")
 
 MAX_SEQUENCE_LENGTH = 512  # text encoder tokens the pipeline reads; longer prompts are truncated
+# The pipeline pads every prompt to 512 tokens before the text encoder. The encoder is causal and the padding
+# sits after the prompt, so the prompt's hidden states do not depend on it: padding only to the next multiple
+# of 64 gives the same embeddings for a fraction of the work, with at most 8 shapes for the compiled encoder.
+ENCODE_BUCKET = 64
+
+
+def encode_length(n_tokens: int) -> int:
+    return min(MAX_SEQUENCE_LENGTH, -(-n_tokens // ENCODE_BUCKET) * ENCODE_BUCKET)
 
 ProgressFn = Callable[[int, int], None]
 
@@ -128,7 +136,7 @@ class Engine:
             if self.device.startswith("cuda"):
                 memory.configure_allocator()
                 memory.apply_memory_limit(self.device, self.settings.gpu_memory_limit)
-            self.fp8 = speed.fp8_wanted(self.settings.fp8, self.device)
+            self.fp8 = speed.fp8_wanted(self.settings.fp8, self.device, self.dtype)
             self.usable_gib = memory.usable_gib(self.device)
             profile = memory.choose_profile(self.settings.memory_profile, self.usable_gib, self.fp8)
             if pipe is None:
@@ -203,7 +211,7 @@ class Engine:
         tok = self.pipe.tokenizer
         text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                        add_generation_prompt=True, enable_thinking=True)
-        return len(tok(text, add_special_tokens=False).input_ids)
+        return len(tok(text).input_ids)  # as the pipeline tokenizes it
 
     def generate(self, request: GenerationRequest | Job, *, on_progress: ProgressFn | None = None,
                  cancel: threading.Event | None = None, allow_warming: bool = False,
@@ -330,7 +338,7 @@ class Engine:
         else:
             self.placement.before_encode()
         embeds, _ = self.pipe.encode_prompt(prompt, device=self.placement.text_encoder_device, do_classifier_free_guidance=False,
-                                            max_sequence_length=MAX_SEQUENCE_LENGTH)
+                                            max_sequence_length=encode_length(self.count_prompt_tokens(prompt)))
         embeds = [e.to(self.device) for e in embeds]
         if self.settings.embed_cache > 0:
             self._embed_cache[prompt] = embeds

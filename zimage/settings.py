@@ -141,7 +141,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("attention", _attention, "auto", "attention backend: auto (fastest available) or a diffusers backend name"),
     Option("compile", _choice(ON_OFF_AUTO), "auto", "regional torch.compile of the transformer: auto (on for CUDA)"),
     Option("fp8", _choice(ON_OFF_AUTO), "auto",
-           "fp8 rowwise transformer weights via torchao: auto (on where compute capability >= 8.9)"),
+           "fp8 rowwise transformer weights via torchao: auto (on where compute capability >= 8.9 and dtype is bf16)"),
     Option("memory_profile", _choice(MEMORY_PROFILES), "auto",
            "which parts stay on the GPU: auto (chosen from the card's memory), full, 16gb, 12gb"),
     Option("gpu_memory_limit", _gib, 0.0,

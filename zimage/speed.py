@@ -51,8 +51,14 @@ def fp8_supported(device: str) -> bool:
     return torch.cuda.get_device_capability(torch.device(device)) >= (8, 9)
 
 
-def fp8_wanted(setting: str, device: str) -> bool:
+def fp8_wanted(setting: str, device: str, dtype: torch.dtype) -> bool:
+    """auto: on where supported and the weights are bf16 (torchao's rowwise fp8 quantizes bf16 only)."""
     if setting == "off":
+        return False
+    if dtype != torch.bfloat16:
+        if setting == "on":
+            raise RuntimeError("--fp8 on needs --dtype bf16 (torchao's rowwise fp8 quantizes bf16 weights); "
+                               "use --dtype bf16, or --fp8 off or auto")
         return False
     supported = fp8_supported(device)
     if setting == "on" and not supported:

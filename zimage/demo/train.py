@@ -163,13 +163,13 @@ def sample_sigmas(n: int, grid: torch.Tensor, generator: torch.Generator, one_fr
     return torch.where(roll > 1 - one_fraction, torch.ones_like(sigma), sigma)
 
 
-def training_size(rng: random.Random, fixed: tuple[int, int] | None) -> tuple[int, int]:
-    if fixed:
-        return fixed
+def training_size(rng: random.Random, args) -> tuple[int, int]:
+    if args.size:
+        return args.size
     roll = rng.random()
-    if roll < PRESET_FRACTION:
+    if roll < args.preset_fraction:
         return presets.preset_size(rng.choice(list(presets.TIERS)), rng.choice(list(presets.ASPECTS)))
-    if roll < PRESET_FRACTION + SIZE_256_FRACTION:
+    if roll < args.preset_fraction + args.size_256_fraction:
         return 256, 256
     area, ratio = rng.uniform(256 * 256, 640 * 640), math.exp(rng.uniform(-math.log(2.5), math.log(2.5)))
     return (max(128, round(math.sqrt(area * ratio) / 16) * 16), max(128, round(math.sqrt(area / ratio) / 16) * 16))
@@ -192,7 +192,7 @@ def train_transformer(pipe, args, rng: random.Random, device) -> list[float]:
     while (progress := max(step / args.steps, (time.perf_counter() - started) / args.time_limit)) < 1:
         for group in opt.param_groups:
             group["lr"] = lr_at(args.lr, step, progress, warmup=args.warmup)
-        width, height = training_size(rng, args.size)
+        width, height = training_size(rng, args)
         batch = max(1, min(args.max_batch, args.batch_tokens // ((width // 16) * (height // 16))))
         drawn = [scenes.sample_scene(rng) for _ in range(batch)]
         captions = [rng.choice(s.captions()) for s in drawn]
@@ -244,13 +244,19 @@ def write_checksums(folder: Path) -> None:
     (folder / "SHA256SUMS").write_text("\n".join(lines) + "\n")
 
 
-def save(pipe, out: Path, info: dict) -> None:
-    """save_pretrained into a fresh sibling folder, then swap it in (no stale files from older runs)."""
+def save(pipe, out: Path, info: dict, dtype: torch.dtype) -> None:
+    """save_pretrained into a fresh sibling folder, then swap it in (no stale files from older runs).
+
+    fp16 halves the trained files (the repo keeps tracked files under 5 MiB); loading upcasts them to the run's
+    dtype. The frozen text encoder stays fp32: its embeddings are exactly the ones training conditioned on."""
     if out.exists() and any(out.iterdir()) and not (out / "model_index.json").exists():
         sys.exit(f"refusing to replace {out}: it is not empty and holds no model")
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    pipe.to("cpu").save_pretrained(tmp, safe_serialization=True)
+    pipe.to("cpu")
+    pipe.transformer.to(dtype)
+    pipe.vae.to(dtype)
+    pipe.save_pretrained(tmp, safe_serialization=True)
     (tmp / "training.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
     write_checksums(tmp)
     shutil.rmtree(out, ignore_errors=True)
@@ -321,10 +327,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ema", type=float, default=0.999)
     parser.add_argument("--sigma-one", type=float, default=SIGMA_ONE_FRACTION,
                         help="fraction of transformer samples at sigma 1 (pure noise)")
+    parser.add_argument("--preset-fraction", type=float, default=PRESET_FRACTION,
+                        help="fraction of transformer batches at a preset's size")
+    parser.add_argument("--size-256-fraction", type=float, default=SIZE_256_FRACTION,
+                        help="fraction at 256x256 (the rest: custom sizes from 256² to 640² in area)")
     parser.add_argument("--warmup", type=int, default=200, help="transformer warm-up steps")
     parser.add_argument("--log-every", type=int, default=200)
     parser.add_argument("--size", type=lambda v: tuple(int(x) for x in v.split("x")), metavar="WxH",
                         help="train at this one size only (quick CPU trials) instead of the size mix")
+    parser.add_argument("--save-dtype", choices=["fp16", "fp32"], default="fp16", help="dtype of the saved weights")
     parser.add_argument("--no-eval", action="store_true")
     parser.add_argument("--sheet", type=Path, help="save the evaluation's pictures side by side in this PNG")
     args = parser.parse_args(argv)
@@ -361,9 +372,9 @@ def main(argv: list[str] | None = None) -> int:
             "vae_final_loss": round(sum(vae_losses[-100:]) / len(vae_losses[-100:]), 5) if vae_losses else None,
             "transformer_steps": len(losses), "transformer_final_loss": round(sum(losses[-200:]) / len(losses[-200:]), 5),
             "vae_time_limit": args.vae_time_limit, "time_limit": args.time_limit,
-            "seconds": round(time.perf_counter() - started), "device": torch.cuda.get_device_name(device)
+            "save_dtype": args.save_dtype, "seconds": round(time.perf_counter() - started), "device": torch.cuda.get_device_name(device)
             if device.type == "cuda" else "cpu", "torch": torch.__version__}
-    save(pipe, args.out, info)
+    save(pipe, args.out, info, torch.float16 if args.save_dtype == "fp16" else torch.float32)
     if not args.no_eval:
         evaluate(args.out, args.device, args.sheet)
     return 0
