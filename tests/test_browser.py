@@ -59,6 +59,11 @@ def test_generate_in_the_browser(browser, app):
     assert "6 steps" in page.locator("#info").inner_text()
     natural = image.evaluate("img => [img.naturalWidth, img.naturalHeight]")
     assert natural == [768, 768]
+    # The whole picture is on screen: the result opens on its preview, not a grid cell cut off at the bottom.
+    whole = """() => { const img = document.querySelector('#result img').getBoundingClientRect();
+                       const box = document.querySelector('#result').getBoundingClientRect();
+                       return img.height > 100 && img.bottom <= box.bottom + 1 && img.right <= box.right + 1; }"""
+    page.wait_for_function(whole, timeout=30_000)
 
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "browser-generate.png"), full_page=True)

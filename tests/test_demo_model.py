@@ -45,11 +45,22 @@ TWIN_MIN_AGREEMENT = 0.9
 # down; the model is trained on the 3-step sigmas too, so this is a schedule the pipeline really runs.
 BIG_TIER_STEPS = 3
 
-# The shipped weights had five minutes of training: enough to paint the prompt's background at every size
-# and in both languages, not yet to draw the shapes (see README, "The demo model"). Until weights from a
-# longer run ship, every shape check is an expected failure. strict: one that passes fails the suite, so
-# this flag must be turned off as soon as the weights draw shapes, and cannot hide anything once it is.
-SHAPES_NOT_YET_LEARNT = True
+# Shape checks the shipped weights still miss: 51 of the 62 pass (six GPU runs, 48 minutes of training; see
+# README, "The demo model"). Each miss is listed by its test id; strict, so one that starts passing turns the
+# suite red until it comes off the list: the list can only shrink, and the bars above never move.
+SHAPE_MISSES = {
+    "a yellow circle on the left on a purple background-seed1",
+    "an orange star on a green background-seed0",
+    "an orange star on a green background-seed1",
+    "绿色背景上的橙色星形-seed1",
+    "a green square on the left and a yellow circle on the right on a purple background",
+    "紫色背景上，左边是绿色正方形，右边是黄色圆形",
+    "a small green square at the top on a purple background",
+    "Standard",
+    "3:4",
+    "9:21",
+    "Ultra-21:9",
+}
 
 SMALL = dict(width=256, height=256, steps=8)
 HELD_OUT = scenes.held_out_scenes()
@@ -89,9 +100,10 @@ def check(image, scene: Scene, prompt: str, what: str) -> measure.Reading:
 
 
 def checks(cases: list, ids: list[str]) -> list:
-    """Each case twice, as a background check and a shape check (see SHAPES_NOT_YET_LEARNT)."""
-    not_yet = pytest.mark.xfail(SHAPES_NOT_YET_LEARNT, strict=True, reason="demo weights do not draw shapes yet")
-    return [pytest.param(case, what, id=f"{what}-{case_id}", marks=[not_yet] if what == "shape" else [])
+    """Each case twice, as a background check and a shape check (see SHAPE_MISSES)."""
+    miss = pytest.mark.xfail(strict=True, reason="the shipped demo weights do not draw this one yet")
+    return [pytest.param(case, what, id=f"{what}-{case_id}",
+                         marks=[miss] if what == "shape" and case_id in SHAPE_MISSES else [])
             for case, case_id in zip(cases, ids) for what in ("background", "shape")]
 
 

@@ -208,6 +208,9 @@ def build(engine, store, metrics, settings) -> gr.Blocks:
         reuse.click(lambda s: (s if s is not None else -1, s is None), last_seed, [seed, random_seed], queue=False)
         run = go.click(generate, [prompt, quality, aspect, seed, random_seed, count], [gallery, info, details, last_seed, last],
                        api_name="generate", concurrency_limit=1, concurrency_id="gpu")
+        # Open the result on its first image: the preview shows it whole, where the grid would cut a square
+        # image's bottom off. A separate UI-only step, so the API's output stays a plain list of images.
+        run.then(lambda: gr.Gallery(selected_index=0), None, gallery, queue=False, api_visibility="private")
         run.then(report_saved, last, [files, info, history], concurrency_limit=None, api_visibility="private")
         stop.click(cancel_running, None, None, cancels=[run], queue=False, api_visibility="private")
         refresh.click(history_items, None, history, queue=False, api_visibility="private")
