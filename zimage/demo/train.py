@@ -1,6 +1,7 @@
 """Train the tiny demo model in the classes the service loads, and save it with save_pretrained.
 
     python -m zimage.demo.train --device cuda --out models/tiny-demo     # a few minutes on one H100
+    python -m zimage.demo.train --device cuda --resume models/tiny-demo --out models/tiny-demo ...  # continue
     python -m zimage.demo.train --smoke --device cpu --out /tmp/demo      # seconds; checks the wiring
 
 1. VAE (`AutoencoderKL`, 16 latent channels, /8) as an autoencoder on rendered scenes. Its latents' mean
@@ -11,6 +12,9 @@
    way the pipeline spaces them (shift 3), at the exact sigmas of 3-, 4-, 6- and 8-step runs, and often at
    sigma 1. `--resume FOLDER` starts from a saved model's VAE (kept as is) and transformer.
 3. `save_pretrained` plus SHA256SUMS, then (not in --smoke) a report on held-out prompts through the Engine.
+
+The shipped weights are a base run and five continuations; models/tiny-demo/training.json records each
+command, and the README lists them.
 
 Sign convention, from ZImagePipeline.__call__: the transformer gets timestep (1000 - t) / 1000 = 1 - sigma,
 the pipeline negates its output and the Euler step is x(s') = x(s) + (s' - s) * noise_pred. With
