@@ -42,8 +42,8 @@ def warm_up(engine, shapes: list[tuple[str, str, int | None]] | None = None) -> 
     report = []
     for i, (tier, aspect, steps) in enumerate(shapes if shapes is not None else warm_shapes(engine)):
         t0 = time.perf_counter()
-        result = engine.generate(GenerationRequest(prompt=WARMUP_PROMPTS[i % 2], preset=tier, aspect=aspect, steps=steps,
-                                                   seed=0), allow_warming=True)
+        request = GenerationRequest(prompt=WARMUP_PROMPTS[i % 2], preset=tier, aspect=aspect, steps=steps, seed=0)
+        result = engine.generate(request, allow_warming=True)
         entry = {"preset": tier, "aspect": aspect, "width": result.width, "height": result.height,
                  "steps": result.steps, "seconds": round(time.perf_counter() - t0, 3)}
         report.append(entry)

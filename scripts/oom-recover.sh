@@ -3,7 +3,7 @@
 # a lock makes the first caller do the one restart and the others return at once.
 # Exit codes: 0 ready again | 3 another recovery is running | 4 supervisorctl restart failed |
 #             5 not ready within ZIMAGE_RECOVER_TIMEOUT seconds (default 900)
-# Never pkill, killall, GPU resets or clock/power changes: only supervisorctl, on our own program.
+# Only supervisorctl, on our own program: no name-matching kills, no GPU resets, no clock or power changes.
 set -uo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 conf=${ZIMAGE_SUPERVISOR_CONF:-$repo/deploy/supervisor/supervisord.conf}

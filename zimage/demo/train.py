@@ -376,8 +376,8 @@ def main(argv: list[str] | None = None) -> int:
             "vae_final_loss": round(sum(vae_losses[-100:]) / len(vae_losses[-100:]), 5) if vae_losses else None,
             "transformer_steps": len(losses), "transformer_final_loss": round(sum(losses[-200:]) / len(losses[-200:]), 5),
             "vae_time_limit": args.vae_time_limit, "time_limit": args.time_limit,
-            "save_dtype": args.save_dtype, "seconds": round(time.perf_counter() - started), "device": torch.cuda.get_device_name(device)
-            if device.type == "cuda" else "cpu", "torch": torch.__version__}
+            "save_dtype": args.save_dtype, "seconds": round(time.perf_counter() - started),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__}
     save(pipe, args.out, info, torch.float16 if args.save_dtype == "fp16" else torch.float32)
     if not args.no_eval:
         evaluate(args.out, args.device, args.sheet)
