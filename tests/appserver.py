@@ -43,9 +43,12 @@ class AppProcess:
         self.proc: subprocess.Popen | None = None
         self.readyz_seen: list[int] = []
         self.healthz_seen: list[int] = []
+        self.started_at: float | None = None
+        self.up_after: float | None = None  # seconds from start until /healthz first answered
 
     def start(self) -> "AppProcess":
         self._log = open(self.log_path, "wb")
+        self.started_at = time.monotonic()
         self.proc = subprocess.Popen([sys.executable, "app.py", *self.args], cwd=ROOT, env=self.env,
                                      stdout=self._log, stderr=subprocess.STDOUT)
         return self
@@ -62,6 +65,8 @@ class AppProcess:
                 except OSError:
                     status = 0
                 seen.append(status)
+            if self.up_after is None and self.healthz_seen[-1]:
+                self.up_after = time.monotonic() - self.started_at
             if self.readyz_seen[-1] == 200:
                 return
             time.sleep(0.1)

@@ -205,6 +205,7 @@ class Engine:
                 job = dataclasses.replace(job, vae_tiling=True)
         if self.pipe is not None:
             n_tokens = self.count_prompt_tokens(job.prompt)
+            job = dataclasses.replace(job, prompt_tokens=n_tokens)
             if n_tokens > MAX_SEQUENCE_LENGTH:
                 job = dataclasses.replace(job, warnings=job.warnings + (
                     f"prompt is {n_tokens} tokens; only the first {MAX_SEQUENCE_LENGTH} were used",))
@@ -301,8 +302,8 @@ class Engine:
         with torch.no_grad():
             check_cancel()
             embeds = timed("text_encode", lambda: self._with_oom_retry(
-                "text_encode", job, lambda: self._encode(job.prompt),
-                lambda: self._encode(job.prompt, shed=True), "text encoder on CPU", recoveries))
+                "text_encode", job, lambda: self._encode(job.prompt, job.prompt_tokens),
+                lambda: self._encode(job.prompt, job.prompt_tokens, shed=True), "text encoder on CPU", recoveries))
             images, kept_latents = [], []
             for index, seed in enumerate(job.seeds):
                 check_cancel()
@@ -331,7 +332,7 @@ class Engine:
                                 peak_vram_bytes=peak, warnings=warnings, oom_retries=len(recoveries),
                                 latents=kept_latents or None)
 
-    def _encode(self, prompt: str, shed: bool = False) -> list[torch.Tensor]:
+    def _encode(self, prompt: str, n_tokens: int | None = None, shed: bool = False) -> list[torch.Tensor]:
         cached = self._embed_cache.get(prompt)
         if cached is not None:
             self._embed_cache.move_to_end(prompt)
@@ -340,8 +341,9 @@ class Engine:
             self.placement.shed_text_encoder()
         else:
             self.placement.before_encode()
-        embeds, _ = self.pipe.encode_prompt(prompt, device=self.placement.text_encoder_device, do_classifier_free_guidance=False,
-                                            max_sequence_length=encode_length(self.count_prompt_tokens(prompt)))
+        length = encode_length(n_tokens or self.count_prompt_tokens(prompt))
+        embeds, _ = self.pipe.encode_prompt(prompt, device=self.placement.text_encoder_device,
+                                            do_classifier_free_guidance=False, max_sequence_length=length)
         embeds = [e.to(self.device) for e in embeds]
         if self.settings.embed_cache > 0:
             self._embed_cache[prompt] = embeds

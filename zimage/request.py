@@ -76,6 +76,7 @@ class Job:
     seeds: tuple[int, ...]
     vae_tiling: bool
     warnings: tuple[str, ...] = ()
+    prompt_tokens: int | None = None  # as the pipeline tokenizes it; counted once, before the GPU lock
 
     @property
     def shape(self) -> tuple[int, int, int]:

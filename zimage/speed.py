@@ -106,8 +106,8 @@ def compile_transformer(transformer, dynamic: bool | None = None, mode: str | No
 
 
 def compile_text_encoder(text_encoder, mode: str | None = None) -> None:
-    """Regional compile of the text encoder's decoder layers: the pipeline pads every prompt to 512 tokens,
-    so they always see one shape. Eager it is launch-bound (3.9 TFLOP in 58-81 ms where the math needs ~5 ms);
-    compiling the whole 36-layer model instead took ~4 minutes on the H100."""
+    """Regional compile of the text encoder's decoder layers (the engine pads prompts to 64-token buckets, so
+    they see a few lengths; warm-up shows them two). Eager it is launch-bound (58-81 ms where the math needs
+    ~5 ms); compiling the whole 36-layer model instead took ~4 minutes on the H100."""
     for layer in text_encoder.layers:
         layer.compile(mode=mode)
