@@ -5,7 +5,7 @@
 
 If --model-dir holds no model, the full-size random model (--model random-full) is saved there first with
 save_pretrained, so the app loads it from local disk like real weights. Each run is a fresh app process
-(tests/appserver.py's AppProcess) on the same --cache-dir, where the settings put the persistent Inductor
+(zimage/appprocess.py's AppProcess) on the same --cache-dir, where the settings put the persistent Inductor
 cache; `cold` empties it first. Times: process start -> /healthz answers (server up), -> /readyz 200 (model
 loaded, compiled, warm-up done). Flags after `--` go to app.py; each run's log is left in --log-dir.
 Prints a table; writes JSON.
@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.appserver import AppProcess  # noqa: E402
+from zimage.appprocess import AppProcess  # noqa: E402
 
 
 def save_random_full(folder: Path) -> float:

@@ -19,6 +19,7 @@ achieved TFLOP/s and the floor at the measured bf16 matmul peak. Prints a table;
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -43,7 +44,7 @@ PROMPT = ("A cinematic photograph of a young woman in a red Hanfu with intricate
           "folding fan, standing in front of the Big Wild Goose Pagoda at night, neon lightning-bolt lamp glowing "
           "above her left palm, soft bokeh city lights, shallow depth of field, 85mm lens, f/1.4, ultra detailed skin "
           "texture, volumetric light, rain puddles reflecting signs, 8k")
-BF16_PEAK_TFLOPS = 798.0  # 8192^3 bf16 matmul measured on the device H100 (KINDS.md)
+BF16_PEAK_TFLOPS = 798.0  # 8192^3 bf16 matmul measured on the device H100 (docs/PERFORMANCE.md)
 ATTENTION = {"native": "native", "cudnn": "_native_cudnn", "flash": "_native_flash", "efficient": "_native_efficient",
              "fa3": "_flash_3", "fa2": "flash"}
 
@@ -76,13 +77,18 @@ def make_engine(args, v) -> tuple[Engine, float]:
     engine = Engine.create(settings)
     if v["compile"] in ("compiled-dyn", "compiled-mat"):
         speed.use_compile_cache(settings.cache_dir / "inductor")
-        speed.compile_transformer(engine.pipe.transformer, dynamic=True if v["compile"] == "compiled-dyn" else None,
+        speed.compile_transformer(engine.pipeline.transformer, dynamic=True if v["compile"] == "compiled-dyn" else None,
                                   mode="max-autotune-no-cudagraphs" if v["compile"] == "compiled-mat" else None)
         engine.compiled = True
     if v["tec"]:
-        speed.compile_text_encoder(engine.pipe.text_encoder, mode="reduce-overhead" if v["tec"] == "teg" else None)
+        speed.compile_text_encoder(engine.pipeline.text_encoder, mode="reduce-overhead" if v["tec"] == "teg" else None)
     engine.release_after_request = v["cleanup"]
     return engine, time.perf_counter() - t0  # still warming: mark_ready after the first calls, as the app does
+
+
+def run(engine: Engine, request: GenerationRequest, keep_latents: bool = False):
+    job = engine.resolve(request)
+    return engine.generate(dataclasses.replace(job, keep_latents=keep_latents))
 
 
 def count_flops(engine: Engine, request: GenerationRequest) -> dict:
@@ -91,7 +97,7 @@ def count_flops(engine: Engine, request: GenerationRequest) -> dict:
 
     counter = FlopCounterMode(display=False)
     with torch.compiler.set_stance("force_eager"), counter:
-        engine.generate(request)
+        run(engine, request)
     by_module = {name: sum(counts.values()) for name, counts in counter.get_flop_counts().items()
                  if name.count(".") == 0 and name != "Global"}
     return {"total": counter.get_total_flops(), "by_module": by_module}
@@ -107,15 +113,12 @@ def run_variant(args, spec: str, flops_cache: dict, reference: dict, results: li
     spec = v["name"]
     engine, load_s = make_engine(args, v)
     shapes = (v["shapes"] or args.shapes).split(",")
-    firsts = {}
-    for shape in shapes:  # first calls compile; like the app's warm-up they come before mark_ready (gc.freeze)
-        tier, aspect = shape.split(":", 1)
-        assert tier in TIERS and aspect in ASPECTS, shape
-        t0 = time.perf_counter()
-        first = engine.generate(GenerationRequest(PROMPT, preset=tier, aspect=aspect, seed=1234),
-                                return_latents=True, allow_warming=True)
-        firsts[shape] = (first, time.perf_counter() - t0)
-    engine.mark_ready()
+    split = [tuple(shape.split(":", 1)) for shape in shapes]
+    assert all(tier in TIERS and aspect in ASPECTS for tier, aspect in split), shapes
+    # First calls compile: the app's warm-up, then ready (gc.freeze), as the app does.
+    warm = engine.warm_up([(tier, aspect, None) for tier, aspect in split])
+    firsts = {shape: (run(engine, GenerationRequest(PROMPT, preset=tier, aspect=aspect, seed=1234), keep_latents=True),
+                      entry["seconds"]) for shape, (tier, aspect), entry in zip(shapes, split, warm)}
     for shape in shapes:
         tier, aspect = shape.split(":", 1)
         request = GenerationRequest(PROMPT, preset=tier, aspect=aspect, seed=1234)
@@ -125,7 +128,7 @@ def run_variant(args, spec: str, flops_cache: dict, reference: dict, results: li
         rows, walls = [], []
         for i in range(args.runs):
             t = time.perf_counter()
-            rows.append(engine.generate(GenerationRequest(PROMPT, preset=tier, aspect=aspect, seed=1234 + i)))
+            rows.append(run(engine, GenerationRequest(PROMPT, preset=tier, aspect=aspect, seed=1234 + i)))
             walls.append(time.perf_counter() - t)  # what a caller waits: stages + cleanup
         png = []
         for r in rows[:3]:
@@ -207,7 +210,7 @@ def service_and_cleanup(engine: Engine, args, runs: int) -> dict:
 
     def direct() -> float:
         t = time.perf_counter()
-        engine.generate(request)
+        run(engine, request)
         return time.perf_counter() - t
 
     def via_api(fmt: str) -> float:
@@ -234,7 +237,7 @@ def service_and_cleanup(engine: Engine, args, runs: int) -> dict:
     for i in range(2 * runs):
         engine.release_after_request = i % 2 == 0
         t = time.perf_counter()
-        engine.generate(request)
+        run(engine, request)
         (with_release if i % 2 == 0 else without).append(time.perf_counter() - t)
     engine.release_after_request = True
     report["cleanup_on_s"] = statistics.median(with_release)
@@ -285,7 +288,7 @@ def main(argv=None) -> int:
             out.with_suffix(".errors.jsonl").open("a").write(json.dumps(results_note) + "\n")
         finally:
             if engine is not None:  # Gradio may keep the service (and so the engine) alive: drop the model
-                engine.pipe = engine.placement = None
+                engine.close()
             del engine
             gc.collect()
             torch.compiler.reset()

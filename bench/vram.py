@@ -21,13 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.latency import PROMPT  # noqa: E402
-from warmup import warm_up  # noqa: E402
 from zimage import memory, speed  # noqa: E402
 from zimage.engine import Engine  # noqa: E402
 from zimage.request import EngineError, GenerationRequest  # noqa: E402
 from zimage.settings import Settings  # noqa: E402
+from zimage.units import GIB  # noqa: E402
 
-GIB = 2**30
 
 
 def auto_choices(device: str, fp8: bool) -> dict:
@@ -66,7 +65,7 @@ def main(argv=None) -> int:
     engine.load()
     report["load_s"] = round(time.perf_counter() - t0, 1)
     report["engine"] = engine.describe()
-    report["warmup"] = warm_up(engine)
+    report["warmup"] = engine.warm_up()
     memory.release_memory(engine.device)
     baseline = torch.cuda.memory_reserved() if device == "cuda" else 0
     report["baseline_reserved_gib"] = round(baseline / GIB, 3)
@@ -80,7 +79,7 @@ def main(argv=None) -> int:
             request = GenerationRequest(f"{PROMPT} #{i}", preset=tier, seed=i)
             t = time.perf_counter()
             try:
-                result = engine.generate(request)
+                result = engine.generate(engine.resolve(request))
             except EngineError as exc:  # what a caller would see
                 errors.append({"request": i, "tier": tier, "error": f"{type(exc).__name__}: {exc}"})
                 continue

@@ -22,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from tests.appserver import AppProcess, http
+from zimage.appprocess import AppProcess, http
 
 GENERATION_BODY = {"size": "256x256", "steps": 2, "output_format": "jpeg"}
 

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.appserver import AppProcess, http
+from zimage.appprocess import AppProcess, http
 from tests.load import metric_value
 
 RSS_TOLERANCE = 0.05

@@ -14,7 +14,7 @@ import time
 import PIL.Image
 import pytest
 
-from tests.appserver import ROOT, AppProcess, free_port, http
+from zimage.appprocess import ROOT, AppProcess, free_port, http
 from zimage.images import read_parameters
 
 SMALL = {"size": "256x256", "steps": 2}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.appserver import ROOT, AppProcess, http
+from zimage.appprocess import ROOT, AppProcess, http
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = ROOT / "test-artifacts"

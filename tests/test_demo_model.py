@@ -27,6 +27,7 @@ from zimage.demo.scenes import Scene, Shape
 from zimage.engine import Engine
 from zimage.request import GenerationRequest
 from zimage.settings import Settings
+from tests.helpers import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,7 +82,7 @@ def draw(engine):
 
     @functools.cache
     def cached(prompt: str, seed: int, request: tuple):
-        return engine.generate(GenerationRequest(prompt, seed=seed, **dict(request))).images[0]
+        return generate(engine, GenerationRequest(prompt, seed=seed, **dict(request))).images[0]
 
     return lambda prompt, seed=0, **request: cached(prompt, seed, tuple(sorted((request or SMALL).items())))
 
@@ -108,8 +109,8 @@ def checks(cases: list, ids: list[str]) -> list:
 
 
 def test_tiny_is_the_shipped_model_loaded_with_from_pretrained(engine):
-    assert type(engine.pipe).__name__ == "ZImagePipeline"
-    assert Path(engine.pipe.name_or_path) == demo.MODEL_DIR
+    assert type(engine.pipeline).__name__ == "ZImagePipeline"
+    assert Path(engine.pipeline.name_or_path) == demo.MODEL_DIR
     assert "shapes" in loading.describe("tiny") and "random" in loading.describe("tiny-random")
 
 

@@ -12,6 +12,7 @@ import torch
 from tests.faults import raise_in_forward
 from zimage import memory
 from zimage.request import (EngineUnavailable, GenerationCancelled, GenerationRequest, OutOfMemory, RequestError)
+from tests.helpers import generate
 
 SMALL = dict(width=256, height=256, steps=3)
 
@@ -21,30 +22,30 @@ def pixels(result, i=0):
 
 
 def test_same_seed_same_pixels_different_seed_different_pixels(shared_engine):
-    a = shared_engine.generate(GenerationRequest("a red circle", seed=42, **SMALL))
-    b = shared_engine.generate(GenerationRequest("a red circle", seed=42, **SMALL))
-    c = shared_engine.generate(GenerationRequest("a red circle", seed=43, **SMALL))
+    a = generate(shared_engine, GenerationRequest("a red circle", seed=42, **SMALL))
+    b = generate(shared_engine, GenerationRequest("a red circle", seed=42, **SMALL))
+    c = generate(shared_engine, GenerationRequest("a red circle", seed=43, **SMALL))
     assert a.images[0].size == (256, 256) and a.images[0].mode == "RGB"
     assert np.array_equal(pixels(a), pixels(b))
     assert np.abs(pixels(a).astype(int) - pixels(c).astype(int)).mean() > 5
 
 
 def test_prompt_changes_pixels(shared_engine):
-    a = shared_engine.generate(GenerationRequest("a red circle", seed=1, **SMALL))
-    b = shared_engine.generate(GenerationRequest("a green square", seed=1, **SMALL))
+    a = generate(shared_engine, GenerationRequest("a red circle", seed=1, **SMALL))
+    b = generate(shared_engine, GenerationRequest("a green square", seed=1, **SMALL))
     assert not np.array_equal(pixels(a), pixels(b))
 
 
 def test_each_image_of_a_batch_reproduces_alone(shared_engine):
-    batch = shared_engine.generate(GenerationRequest("two cats", seed=100, n=3, **SMALL))
+    batch = generate(shared_engine, GenerationRequest("two cats", seed=100, n=3, **SMALL))
     assert batch.seeds == [100, 101, 102] and len(batch.images) == 3
-    alone = shared_engine.generate(GenerationRequest("two cats", seed=101, n=1, **SMALL))
+    alone = generate(shared_engine, GenerationRequest("two cats", seed=101, n=1, **SMALL))
     assert np.array_equal(pixels(batch, 1), pixels(alone))
 
 
 def test_preset_request_gets_preset_size_and_steps(shared_engine):
     steps_seen = []
-    result = shared_engine.generate(GenerationRequest("a cat", preset="Draft", aspect="16:9", seed=3),
+    result = generate(shared_engine, GenerationRequest("a cat", preset="Draft", aspect="16:9", seed=3),
                                     on_progress=lambda done, total: steps_seen.append((done, total)))
     assert (result.width, result.height, result.steps) == (1024, 576, 6)
     assert result.images[0].size == (1024, 576)
@@ -55,9 +56,9 @@ def test_preset_request_gets_preset_size_and_steps(shared_engine):
 
 @pytest.mark.parametrize("seed", [None, -1, "-1"])
 def test_random_seed_is_reported(shared_engine, seed):
-    result = shared_engine.generate(GenerationRequest("a cat", seed=seed, **SMALL))
+    result = generate(shared_engine, GenerationRequest("a cat", seed=seed, **SMALL))
     assert 0 <= result.seeds[0] < 2**32
-    again = shared_engine.generate(GenerationRequest("a cat", seed=result.seeds[0], **SMALL))
+    again = generate(shared_engine, GenerationRequest("a cat", seed=result.seeds[0], **SMALL))
     assert np.array_equal(pixels(result), pixels(again))
 
 
@@ -88,7 +89,7 @@ BAD_REQUESTS = [
 @pytest.mark.parametrize("fields,param,phrase", BAD_REQUESTS, ids=[f"{p}-{i}" for i, (_, p, _) in enumerate(BAD_REQUESTS)])
 def test_invalid_input_gets_its_message(shared_engine, fields, param, phrase):
     with pytest.raises(RequestError) as info:
-        shared_engine.generate(GenerationRequest(**fields))
+        generate(shared_engine, GenerationRequest(**fields))
     assert info.value.param == param
     assert phrase in str(info.value)
 
@@ -101,13 +102,13 @@ def test_preset_names_are_case_insensitive_and_seed_strings_accepted(shared_engi
 def test_long_prompt_is_truncated_with_a_warning(shared_engine):
     prompt = " ".join(f"word{i}" for i in range(600))
     assert shared_engine.count_prompt_tokens(prompt) > 512
-    result = shared_engine.generate(GenerationRequest(prompt, seed=1, **SMALL))
+    result = generate(shared_engine, GenerationRequest(prompt, seed=1, **SMALL))
     assert any("only the first 512" in w for w in result.warnings)
     assert len(result.images) == 1
 
 
 def test_control_characters_are_removed_with_a_warning(shared_engine):
-    result = shared_engine.generate(GenerationRequest("a red\x00 circle", seed=1, **SMALL))
+    result = generate(shared_engine, GenerationRequest("a red\x00 circle", seed=1, **SMALL))
     assert result.prompt == "a red circle"
     assert any("control characters" in w for w in result.warnings)
 
@@ -122,11 +123,11 @@ def test_cancel_after_step_1_stops_before_step_3(make_engine):
             cancel.set()
 
     with pytest.raises(GenerationCancelled):
-        engine.generate(GenerationRequest("a cat", width=256, height=256, steps=8, seed=1),
+        generate(engine, GenerationRequest("a cat", width=256, height=256, steps=8, seed=1),
                         on_progress=on_progress, cancel=cancel)
     assert seen == [1]  # diffusers skips the remaining steps once interrupted
     assert engine.stats.cancelled == 1 and engine.stats.inflight == 0
-    assert engine.generate(GenerationRequest("a cat", seed=1, **SMALL)).images  # still serving
+    assert generate(engine, GenerationRequest("a cat", seed=1, **SMALL)).images  # still serving
 
 
 def test_cancel_between_images_stops_the_batch(make_engine):
@@ -139,7 +140,7 @@ def test_cancel_between_images_stops_the_batch(make_engine):
             cancel.set()
 
     with pytest.raises(GenerationCancelled):
-        engine.generate(GenerationRequest("a cat", n=4, seed=1, **SMALL), on_progress=on_progress, cancel=cancel)
+        generate(engine, GenerationRequest("a cat", n=4, seed=1, **SMALL), on_progress=on_progress, cancel=cancel)
     assert max(seen) == 3
 
 
@@ -159,12 +160,12 @@ def release_calls(monkeypatch):
 
 def test_oom_once_in_vae_decode_is_recovered_by_tiled_retry(make_engine, release_calls, caplog):
     engine = make_engine()
-    vae = engine.pipe.vae
+    vae = engine.pipeline.vae
     tiling_seen = []
     probe = vae.decoder.register_forward_pre_hook(lambda mod, args: tiling_seen.append(vae.use_tiling))
     try:
         with caplog.at_level(logging.WARNING, "zimage.engine"), raise_in_forward(vae.decoder, times=1) as fault:
-            result = engine.generate(GenerationRequest("a cat", width=512, height=512, steps=2, seed=1))
+            result = generate(engine, GenerationRequest("a cat", width=512, height=512, steps=2, seed=1))
     finally:
         probe.remove()
     assert fault["raised"] == 1
@@ -174,31 +175,31 @@ def test_oom_once_in_vae_decode_is_recovered_by_tiled_retry(make_engine, release
     assert "oom handled stage=decode" in caplog.text
     assert len(release_calls) >= 2  # after the OOM, and after the request
     assert not vae.use_tiling  # tiling switched back off for the next request
-    assert engine.stats.oom["handled"] == 1 and engine.state == "ready"
+    assert engine.stats.oom["handled"] == 1 and engine.status().state == "ready"
 
 
 def test_oom_twice_in_decode_gives_typed_error_and_next_request_succeeds(make_engine, release_calls):
     engine = make_engine()
-    with raise_in_forward(engine.pipe.vae.decoder, times=2):
+    with raise_in_forward(engine.pipeline.vae.decoder, times=2):
         with pytest.raises(OutOfMemory) as info:
-            engine.generate(GenerationRequest("a cat", preset="High", aspect="1:1", steps=1, seed=1))
+            generate(engine, GenerationRequest("a cat", preset="High", aspect="1:1", steps=1, seed=1))
     message = str(info.value)
     assert info.value.stage == "decode"
     assert "1280x1280" in message and "Standard preset" in message
     assert len(release_calls) >= 3  # after each OOM and after the request
     assert engine.stats.oom["handled"] == 1 and engine.stats.oom["failed"] == 1
-    assert engine.generate(GenerationRequest("a cat", seed=1, **SMALL)).images
+    assert generate(engine, GenerationRequest("a cat", seed=1, **SMALL)).images
 
 
 @pytest.mark.parametrize("stage,module", [("text_encode", "text_encoder"), ("denoise", "transformer")])
 def test_oom_in_encode_or_denoise_is_retried(make_engine, caplog, stage, module):
     engine = make_engine()
     with caplog.at_level(logging.WARNING, "zimage.engine"), \
-            raise_in_forward(getattr(engine.pipe, module), times=1) as fault:
-        result = engine.generate(GenerationRequest("a fox", seed=1, **SMALL))
+            raise_in_forward(getattr(engine.pipeline, module), times=1) as fault:
+        result = generate(engine, GenerationRequest("a fox", seed=1, **SMALL))
     assert fault["raised"] == 1 and result.oom_retries == 1
     assert f"oom handled stage={stage}" in caplog.text
-    reference = engine.generate(GenerationRequest("a fox", seed=1, **SMALL))
+    reference = generate(engine, GenerationRequest("a fox", seed=1, **SMALL))
     assert np.array_equal(pixels(result), pixels(reference))  # the retry computed the same image
 
 
@@ -206,21 +207,21 @@ def test_too_many_ooms_is_fatal_and_refuses_work(make_engine, caplog):
     engine = make_engine(oom_fatal_count=2, oom_fatal_window=60.0)
     with caplog.at_level(logging.WARNING, "zimage.engine"):
         for _ in range(2):
-            with raise_in_forward(engine.pipe.vae.decoder, times=1):
-                engine.generate(GenerationRequest("a cat", seed=1, **SMALL))
-    assert engine.state == "fatal" and engine.stats.oom["fatal"] == 1
+            with raise_in_forward(engine.pipeline.vae.decoder, times=1):
+                generate(engine, GenerationRequest("a cat", seed=1, **SMALL))
+    assert engine.status().state == "fatal" and engine.stats.oom["fatal"] == 1
     assert "fatal: 2 out-of-memory errors within 60s" in caplog.text
     with pytest.raises(EngineUnavailable, match="restarted"):
-        engine.generate(GenerationRequest("a cat", seed=1, **SMALL))
+        generate(engine, GenerationRequest("a cat", seed=1, **SMALL))
 
 
 def test_cuda_error_other_than_oom_is_fatal(make_engine, caplog):
     engine = make_engine()
     boom = lambda: torch.AcceleratorError("CUDA error: an illegal memory access was encountered")  # noqa: E731
     with caplog.at_level(logging.ERROR, "zimage.engine"), \
-            raise_in_forward(engine.pipe.transformer, exc_factory=boom), pytest.raises(torch.AcceleratorError):
-        engine.generate(GenerationRequest("a cat", seed=1, **SMALL))
-    assert engine.state == "fatal" and "fatal: device error" in caplog.text
+            raise_in_forward(engine.pipeline.transformer, exc_factory=boom), pytest.raises(torch.AcceleratorError):
+        generate(engine, GenerationRequest("a cat", seed=1, **SMALL))
+    assert engine.status().state == "fatal" and "fatal: device error" in caplog.text
 
 
 def test_concurrent_callers_never_share_the_gpu(make_engine):
@@ -237,13 +238,13 @@ def test_concurrent_callers_never_share_the_gpu(make_engine):
             active[0] -= 1
 
     # Count generations inside the denoise stage: from the first transformer forward to decode's end.
-    h1 = engine.pipe.text_encoder.register_forward_pre_hook(enter)
-    h2 = engine.pipe.vae.decoder.register_forward_hook(leave)
+    h1 = engine.pipeline.text_encoder.register_forward_pre_hook(enter)
+    h2 = engine.pipeline.vae.decoder.register_forward_hook(leave)
     errors, results = [], []
 
     def worker(i):
         try:
-            results.append(engine.generate(GenerationRequest(f"cat {i}", seed=i, **SMALL)))
+            results.append(generate(engine, GenerationRequest(f"cat {i}", seed=i, **SMALL)))
         except Exception as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
@@ -261,11 +262,11 @@ def test_concurrent_callers_never_share_the_gpu(make_engine):
 def test_repeated_prompt_skips_the_text_encoder(make_engine):
     engine = make_engine()
     calls = []
-    handle = engine.pipe.text_encoder.register_forward_pre_hook(lambda mod, args: calls.append(1))
+    handle = engine.pipeline.text_encoder.register_forward_pre_hook(lambda mod, args: calls.append(1))
     try:
-        engine.generate(GenerationRequest("a lighthouse", seed=1, **SMALL))
-        engine.generate(GenerationRequest("a lighthouse", seed=2, **SMALL))
-        engine.generate(GenerationRequest("a windmill", seed=2, **SMALL))
+        generate(engine, GenerationRequest("a lighthouse", seed=1, **SMALL))
+        generate(engine, GenerationRequest("a lighthouse", seed=2, **SMALL))
+        generate(engine, GenerationRequest("a windmill", seed=2, **SMALL))
     finally:
         handle.remove()
     assert len(calls) == 2
@@ -276,15 +277,13 @@ def test_engine_refuses_work_until_ready(tiny_settings):
 
     engine = Engine(tiny_settings)
     with pytest.raises(EngineUnavailable, match="loading"):
-        engine.generate(GenerationRequest("a cat"))
+        generate(engine, GenerationRequest("a cat"))
     engine.load()
-    assert engine.state == "warming"
+    assert engine.status().state == "warming"
     with pytest.raises(EngineUnavailable, match="warming up"):
-        engine.generate(GenerationRequest("a cat"))
-    from warmup import warm_up
-
-    report = warm_up(engine)
-    assert engine.state == "ready" and report[0]["seconds"] > 0 and engine.warm_shapes == report
+        generate(engine, GenerationRequest("a cat"))
+    report = engine.warm_up()
+    assert engine.status().state == "ready" and report[0]["seconds"] > 0 and list(engine.status().warm) == report
 
 
 @pytest.mark.parametrize("prompt", ["a lighthouse", " ".join(f"word{i}" for i in range(150)),
@@ -292,20 +291,20 @@ def test_engine_refuses_work_until_ready(tiny_settings):
 def test_text_encoder_sees_the_prompt_padded_to_a_bucket_with_the_same_embeddings(make_engine, prompt):
     """The engine pads to the next multiple of 64 tokens, not to 512; the causal encoder's states for the
     prompt's own tokens must come out as the pipeline's 512-token encoding gives them."""
-    from zimage.engine import MAX_SEQUENCE_LENGTH, encode_length
+    from zimage.stages import MAX_SEQUENCE_LENGTH, encode_length
 
     engine = make_engine()
     lengths = []
-    handle = engine.pipe.text_encoder.register_forward_pre_hook(
+    handle = engine.pipeline.text_encoder.register_forward_pre_hook(
         lambda mod, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
     try:
-        bucketed = engine._encode(prompt)
+        bucketed = engine.stages.encode(prompt)
     finally:
         handle.remove()
     n_tokens = engine.count_prompt_tokens(prompt)
     assert lengths == [encode_length(n_tokens)] and lengths[0] % 64 == 0
     assert lengths[0] == MAX_SEQUENCE_LENGTH if n_tokens > MAX_SEQUENCE_LENGTH else lengths[0] < 2 * n_tokens + 64
-    full, _ = engine.pipe.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False,
+    full, _ = engine.pipeline.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False,
                                         max_sequence_length=MAX_SEQUENCE_LENGTH)
     assert bucketed[0].shape == full[0].shape == (min(n_tokens, MAX_SEQUENCE_LENGTH), full[0].shape[1])
     torch.testing.assert_close(bucketed[0], full[0], rtol=1e-5, atol=1e-5)

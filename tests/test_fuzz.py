@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.appserver import AppProcess, http
+from zimage.appprocess import AppProcess, http
 from zimage.api import ApiError, parse_generation_body
 from zimage.request import RequestError, resolve
 

@@ -11,6 +11,7 @@ regression (a wrongly scaled layer gives O(1)) without flaking on seeds. Never N
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 
 import numpy as np
@@ -35,7 +36,7 @@ def run(tmp_path, **settings) -> dict:
     engine = Engine.create(Settings(model="random-full", memory_profile="full", embed_cache=0, warmup="off",
                                     cache_dir=tmp_path, **settings))
     engine.mark_ready()
-    result = engine.generate(REQUEST, return_latents=True)
+    result = engine.generate(dataclasses.replace(engine.resolve(REQUEST), keep_latents=True))
     out = {"latents": result.latents[0], "image": np.asarray(result.images[0], dtype=np.float32),
            "warnings": result.warnings, "nonfinite": engine.stats.nonfinite_images}
     del engine, result

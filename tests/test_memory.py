@@ -7,6 +7,7 @@ import pytest
 
 from zimage import memory, presets
 from zimage.request import GenerationRequest, RequestError
+from tests.helpers import generate
 
 
 @pytest.mark.parametrize("usable,expected", [(79.2, "full"), (24.0, "full"), (16.0, "16gb"), (12.0, "12gb")])
@@ -64,10 +65,10 @@ def test_engine_refuses_presets_its_profile_cannot_serve(tiny_settings, monkeypa
         except RequestError as exc:
             refused[tier] = exc
     assert refused == {}  # 12gb streams everything: every tier fits
-    engine.placement = memory.Placement(engine.pipe, "cpu", memory.profile_spec("16gb", True), True)
+    engine.placement = memory.Placement(engine.pipeline, "cpu", memory.profile_spec("16gb", True), True)
     engine.fp8 = True  # as the 16gb profile on an fp8 card: the table says High needs 14.0 + 1 GiB
     with pytest.raises(RequestError) as info:
-        engine.generate(GenerationRequest("a cat", preset="High"))
+        generate(engine, GenerationRequest("a cat", preset="High"))
     assert info.value.param == "preset" and "High needs about 14.0 GiB" in str(info.value)
     assert engine.resolve(GenerationRequest("a cat", preset="Ultra")).vae_tiling  # tiled Ultra fits
 
@@ -77,8 +78,8 @@ def test_streamed_placement_generates_the_same_pixels(make_engine, shared_engine
     streamed = make_engine(memory_profile="12gb", fp8="off")
     assert streamed.placement.profile.transformer_streamed and streamed.placement.profile.text_encoder_streamed
     request = GenerationRequest("a lighthouse at night", width=256, height=256, steps=3, seed=9)
-    a = streamed.generate(request)
-    b = shared_engine.generate(request)
+    a = generate(streamed, request)
+    b = generate(shared_engine, request)
     assert np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
 
 

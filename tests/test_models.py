@@ -24,7 +24,7 @@ def test_tiny_model_builds_twice_to_identical_files(tmp_path):
 
 
 def test_tiny_model_has_the_real_architecture_shape(shared_engine):
-    pipe = shared_engine.pipe
+    pipe = shared_engine.pipeline
     assert type(pipe).__name__ == "ZImagePipeline"
     assert type(pipe.text_encoder).__name__ == "Qwen3Model"
     assert type(pipe.transformer).__name__ == "ZImageTransformer2DModel"

@@ -12,7 +12,7 @@ import PIL.Image
 import pytest
 
 from tests import load, soak
-from tests.appserver import ROOT, AppProcess, http
+from zimage.appprocess import ROOT, AppProcess, http
 
 ARTIFACTS = ROOT / "test-artifacts"
 LOAD_SECONDS = float(os.environ.get("ZIMAGE_LOAD_SECONDS", "60"))

@@ -17,7 +17,7 @@ import PIL.Image
 import psutil
 import pytest
 
-from tests.appserver import ROOT, free_port, http
+from zimage.appprocess import ROOT, free_port, http
 from zimage.outputs import OutputStore
 
 SUPERVISOR = str(ROOT / "scripts" / "supervisor.sh")

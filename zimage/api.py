@@ -11,10 +11,8 @@ import base64
 import binascii
 import json
 import logging
-import math
 import re
 import secrets
-import threading
 import time
 
 from fastapi import APIRouter, FastAPI, Request
@@ -23,8 +21,10 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import images, presets
-from .request import (EngineUnavailable, GenerationCancelled, GenerationRequest, OutOfMemory, RequestError)
+from . import images, request as requests
+from .outcomes import Outcome, QueueFull, outcome_of
+from .presets import MAX_SIDE, MAX_STEPS, MIN_SIDE, MIN_STEPS, SIZE_MULTIPLE, TIERS
+from .request import MAX_IMAGES, MAX_PROMPT_CHARS, SEED_MAX, EngineError, GenerationRequest, RequestError
 
 log = logging.getLogger("zimage.api")
 
@@ -37,15 +37,18 @@ QUALITY_ALIASES = {"low": "Draft", "medium": "Standard", "standard": "Standard",
 class ImagesGenerationBody(BaseModel):
     """Documents the request body in /openapi.json; parsing is done by hand for clearer messages."""
 
-    prompt: str = Field(..., description="What to draw (up to 16384 characters; 512 text tokens are used)")
-    n: int = Field(1, ge=1, le=4, description="Number of images, 1-4; image i uses seed + i")
-    size: str | None = Field(None, description="'WxH' (multiples of 16, 256-2048), or 'auto' for the quality's size")
-    quality: str | None = Field("Standard", description="Draft, Standard, High, Ultra (or low/medium/high/hd/auto)")
+    prompt: str = Field(..., description=f"What to draw (up to {MAX_PROMPT_CHARS} characters; 512 text tokens "
+                                         "are used)")
+    n: int = Field(1, ge=1, le=MAX_IMAGES, description=f"Number of images, 1-{MAX_IMAGES}; image i uses seed + i")
+    size: str | None = Field(None, description=f"'WxH' (multiples of {SIZE_MULTIPLE}, {MIN_SIDE}-{MAX_SIDE}), or "
+                                               "'auto' for the quality's size")
+    quality: str | None = Field("Standard", description=f"{', '.join(TIERS)} (or low/medium/high/hd/auto)")
     aspect: str | None = Field("1:1", description="Extension: aspect ratio for the quality's area when size is unset")
     response_format: str = Field("b64_json", description="Only b64_json: images are not hosted")
     output_format: str = Field("png", description="png (with parameters metadata), jpeg or webp")
-    seed: int | None = Field(None, description="Extension: 0..2^32-1, or -1/null for random")
-    steps: int | None = Field(None, ge=1, le=16, description="Extension: denoising steps (default: the quality's)")
+    seed: int | None = Field(None, description=f"Extension: 0..{SEED_MAX}, or -1/null for random")
+    steps: int | None = Field(None, ge=MIN_STEPS, le=MAX_STEPS,
+                              description="Extension: denoising steps (default: the quality's)")
 
 
 class ApiError(Exception):
@@ -62,26 +65,10 @@ def error_response(status: int, message: str, type_: str = "invalid_request_erro
                         status_code=status, headers=headers)
 
 
-class WaitingRoom:
-    """Admission for the JSON API: requests waiting for (or holding) the GPU, bounded by the queue size
-    together with the UI's Gradio queue, so a flood of API calls gets 429s instead of piling up threads."""
-
-    def __init__(self, limit: int, ui_waiting):
-        self.limit, self.ui_waiting = limit, ui_waiting
-        self.count = 0
-        self._lock = threading.Lock()
-
-    def try_enter(self) -> bool:
-        with self._lock:
-            # One request may hold the GPU while `limit` wait, as in Gradio's queue.
-            if self.count + self.ui_waiting() >= self.limit + 1:
-                return False
-            self.count += 1
-            return True
-
-    def leave(self) -> None:
-        with self._lock:
-            self.count -= 1
+def outcome_response(outcome: Outcome) -> JSONResponse:
+    headers = {"Retry-After": str(outcome.retry_after)} if outcome.retry_after else None
+    return error_response(outcome.http_status, outcome.message, outcome.error_type, outcome.param, outcome.code,
+                          headers)
 
 
 def parse_generation_body(body) -> tuple[GenerationRequest, str]:
@@ -114,12 +101,10 @@ def parse_generation_body(body) -> tuple[GenerationRequest, str]:
     return request, output_format.lower()
 
 
-def install(app: FastAPI, *, engine, store, metrics, settings, ui_waiting) -> None:
+def install(app: FastAPI, *, engine, queue, store, metrics, settings) -> None:
     """Add the routes and the OpenAI-shaped error handlers to `app`."""
     router = APIRouter()
-    waiting_room = WaitingRoom(settings.queue_size, ui_waiting)
     auth = settings.auth_pair()
-    recent_seconds = [5.0]  # moving estimate of one request's time, for Retry-After
 
     def check_auth(request: Request) -> None:
         if auth is None:
@@ -143,18 +128,19 @@ def install(app: FastAPI, *, engine, store, metrics, settings, ui_waiting) -> No
     @router.get("/healthz")
     def healthz():
         """200 while the process serves requests, loading and warming included."""
-        return {"status": "ok", "state": engine.state}
+        return {"status": "ok", "state": str(engine.status().state)}
 
     @router.get("/readyz")
     def readyz():
         """200 once the model is loaded and warm; 503 before that and after a fatal error."""
-        body = {"state": engine.state, "model": settings.model, "warm_shapes": engine.warm_shapes,
-                "engine": engine.describe() if engine.pipe is not None else None}
-        if engine.state_detail:
-            body["detail"] = engine.state_detail
+        status = engine.status()
+        body = {"state": str(status.state), "model": settings.model, "warm_shapes": list(status.warm),
+                "engine": engine.describe() if status.loaded else None}
+        if status.detail:
+            body["detail"] = status.detail
         if store.last_error:
             body["outputs_error"] = store.last_error
-        return JSONResponse(body, status_code=200 if engine.state == "ready" else 503)
+        return JSONResponse(body, status_code=200 if status.ready else 503)
 
     @router.get("/metrics")
     def prometheus_metrics(request: Request):
@@ -166,6 +152,11 @@ def install(app: FastAPI, *, engine, store, metrics, settings, ui_waiting) -> No
     async def generations(request: Request):
         check_auth(request)
         route = "openai"
+
+        def refuse(outcome: Outcome) -> JSONResponse:
+            metrics.observe_outcome(outcome.status, route)
+            return outcome_response(outcome)
+
         try:
             raw = await request.body()
             if len(raw) > MAX_BODY_BYTES:
@@ -177,55 +168,40 @@ def install(app: FastAPI, *, engine, store, metrics, settings, ui_waiting) -> No
             except RecursionError:
                 raise ApiError(400, "the request body is nested too deeply to parse") from None
             gen_request, output_format = parse_generation_body(body)
-            job = engine.resolve(gen_request)
-        except RequestError as exc:
-            metrics.observe_outcome("invalid", route)
-            return error_response(400, str(exc), param=exc.param)
+            requests.resolve(gen_request)  # cheap checks first: a mistake is a 400 even when the queue is full
+            engine.status().check()
+            ticket = queue.admit()
         except ApiError as exc:
             metrics.observe_outcome("invalid", route)
             return error_response(exc.status, exc.message, exc.type, exc.param, headers=exc.headers)
+        except (EngineError, QueueFull) as exc:
+            return refuse(outcome_of(exc))
 
         try:
-            engine.check_available()
-        except EngineUnavailable as exc:
-            metrics.observe_outcome("unavailable", route)
-            return error_response(503, str(exc), "service_unavailable", headers={"Retry-After": "5"})
-        if not waiting_room.try_enter():
-            metrics.observe_outcome("busy", route)
-            retry = max(1, math.ceil(recent_seconds[0] * (waiting_room.count + 1)))
-            return error_response(429, f"the server is busy ({settings.queue_size} requests already waiting); "
-                                  f"retry in about {retry} s", "server_busy", code="queue_full",
-                                  headers={"Retry-After": str(retry)})
-        cancel = threading.Event()
+            # Off the event loop and after admission: tokenizing a long prompt takes milliseconds.
+            job = await asyncio.to_thread(engine.resolve, gen_request)
+        except RequestError as exc:
+            queue.leave(ticket)
+            return refuse(outcome_of(exc))
         try:
-            work = asyncio.ensure_future(asyncio.to_thread(engine.generate, job, cancel=cancel))
+            work = asyncio.ensure_future(queue.run(ticket, job))
             while not work.done():
                 await asyncio.wait({work}, timeout=0.25)
                 if not work.done() and await request.is_disconnected():
-                    cancel.set()  # the client went away: stop at the next step, free the GPU
+                    ticket.cancel.set()  # the client went away: stop at the next step, free the GPU
             result = work.result()
-        except GenerationCancelled:
-            metrics.observe_outcome("cancelled", route)
-            return error_response(499, "cancelled: the client disconnected", "cancelled")
-        except OutOfMemory as exc:
-            metrics.observe_outcome("oom", route)
-            return error_response(503, str(exc), "insufficient_gpu_memory", code="out_of_memory")
-        except EngineUnavailable as exc:
-            metrics.observe_outcome("unavailable", route)
-            return error_response(503, str(exc), "service_unavailable", headers={"Retry-After": "5"})
-        except Exception:
-            metrics.observe_outcome("error", route)
-            log.exception("generation failed")
-            return error_response(500, "internal error while generating; see the server log", "server_error")
-        finally:
-            waiting_room.leave()
+        except Exception as exc:
+            outcome = outcome_of(exc)
+            if outcome.status == "error":
+                log.exception("generation failed")
+            return refuse(outcome)
 
-        recent_seconds[0] = 0.7 * recent_seconds[0] + 0.3 * result.timings["total"]
         metrics.observe_result(result, route)
         t0 = time.perf_counter()
-        data = await asyncio.to_thread(_encode_all, result, output_format, settings.model)
+        data, encoded = await asyncio.to_thread(_encode_all, result, output_format, settings.model)
         metrics.observe_stage(f"encode_{output_format}", time.perf_counter() - t0)
-        store.save(result)  # PNG with metadata, written in the background
+        # The PNGs with metadata are written in the background; a PNG response hands over its bytes.
+        store.save(result, png=encoded if output_format == "png" else None)
         warnings = list(result.warnings)
         if store.last_error:
             warnings.append(f"images are not being saved to the outputs folder: {store.last_error}")
@@ -253,7 +229,10 @@ def install(app: FastAPI, *, engine, store, metrics, settings, ui_waiting) -> No
         return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
 
 
-def _encode_all(result, output_format: str, model: str) -> list[dict]:
-    return [{"b64_json": base64.b64encode(images.encode(image, output_format, images.metadata(result, seed, model)))
-             .decode(), "seed": seed, "revised_prompt": result.prompt}
-            for image, seed in zip(result.images, result.seeds)]
+def _encode_all(result, output_format: str, model: str) -> tuple[list[dict], list[bytes]]:
+    """Response entries, and each image's encoded bytes."""
+    encoded = [images.encode(image, output_format, images.metadata(result, seed, model))
+               for image, seed in zip(result.images, result.seeds)]
+    data = [{"b64_json": base64.b64encode(blob).decode(), "seed": seed, "revised_prompt": result.prompt}
+            for blob, seed in zip(encoded, result.seeds)]
+    return data, encoded

@@ -17,6 +17,8 @@ from typing import Any
 import PIL.Image
 from PIL.PngImagePlugin import PngInfo
 
+from .presets import GUIDANCE_SCALE
+
 SAMPLER = "Euler (flow matching, shift 3)"
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
@@ -27,7 +29,7 @@ PNG_COMPRESS_LEVEL = 1
 def metadata(result, seed: int, model: str) -> dict[str, Any]:
     """What produced one image, enough to make it again."""
     return {"prompt": result.prompt, "seed": seed, "steps": result.steps, "width": result.width,
-            "height": result.height, "preset": result.preset, "guidance_scale": 0.0, "sampler": SAMPLER,
+            "height": result.height, "preset": result.preset, "guidance_scale": GUIDANCE_SCALE, "sampler": SAMPLER,
             "model": model}
 
 

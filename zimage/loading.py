@@ -22,7 +22,7 @@ log = logging.getLogger("zimage.loading")
 TINY_NAMES = ("tiny", "tiny-random")
 RANDOM_FULL = "random-full"
 
-# The released Z-Image-Turbo architecture (../shared/ZIMAGE.md; diffusers 0.42.1 defaults plus the
+# The released Z-Image-Turbo architecture (docs/PERFORMANCE.md; diffusers 0.42.1 defaults plus the
 # released axes_lens). Used only to build random weights of the true size.
 TURBO_TRANSFORMER = dict(dim=3840, n_layers=30, n_refiner_layers=2, n_heads=30, n_kv_heads=30, cap_feat_dim=2560,
                          in_channels=16, rope_theta=256.0, axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512])

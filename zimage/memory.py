@@ -25,8 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .presets import TIERS
+from .units import GIB
+
 log = logging.getLogger("zimage.memory")
-GIB = 2**30
 HEADROOM_GIB = 1.0  # CUDA context (~0.5 GiB, outside the allocator's cap) + fragmentation
 
 # Expected peak allocated GiB per tier, by (profile, fp8). Measured on the H100 with random-full weights under
@@ -53,12 +55,13 @@ class Profile:
 
 
 def profile_spec(name: str, fp8: bool) -> Profile:
+    always_tiled = tuple(t.name for t in TIERS.values() if t.vae_tiling)  # tiers tiled under every profile
     if name == "full":
-        return Profile(name, False, False, False, ("Ultra",))
+        return Profile(name, False, False, False, always_tiled)
     if name == "16gb":
-        return Profile(name, False, not fp8, fp8, ("Ultra",))
+        return Profile(name, False, not fp8, fp8, always_tiled)
     if name == "12gb":
-        return Profile(name, not fp8, True, False, ("High", "Ultra"))
+        return Profile(name, not fp8, True, False, ("High", *always_tiled))
     raise ValueError(f"unknown memory profile {name!r}")
 
 
@@ -195,8 +198,13 @@ class Placement:
         """Where encode_prompt's inputs go: the GPU, unless the text encoder was shed to the CPU."""
         return "cpu" if self.text_encoder_shed else self.device
 
-    def tiled_decode(self, tier: str) -> bool:
+    def plan_tiled_decode(self, tier: str) -> bool:
+        """The memory plan's decode decision for a job of `tier`, made once when the job is resolved."""
         return tier in self.profile.tiled_decode_tiers
+
+    def decode_tiled(self, planned: bool, width: int, height: int) -> bool:
+        """At decode time: the plan, or tiles anyway when a whole-image decode no longer fits what is free."""
+        return planned or not fits_untiled_decode(self.device, width, height)
 
     def before_encode(self) -> None:
         """Bring the text encoder back if an earlier OOM moved it off the GPU."""

@@ -10,19 +10,20 @@ from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Pro
                                generate_latest)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from .interface import EngineState
+from .units import GIB
+
 log = logging.getLogger("zimage.metrics")
 disable_created_metrics()  # the *_created series double the output and no dashboard uses them
 
 SECONDS_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 60.0, 120.0)
 STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
-GIB = 2**30
 VRAM_BUCKETS = tuple(g * GIB for g in (2, 4, 8, 10, 12, 14, 16, 20, 24, 32, 48, 80))
-# Request outcomes: ok | invalid (4xx) | busy (queue full) | cancelled | oom | unavailable | error
-STATUSES = ("ok", "invalid", "busy", "cancelled", "oom", "unavailable", "error")
 
 
 class Metrics:
-    def __init__(self, engine, queue_depth: Callable[[], int], store=None):
+    def __init__(self, engine, queue_depth: Callable[[], int], max_waiting: Callable[[], int] | None = None,
+                 store=None):
         self.registry = registry = CollectorRegistry()
         self.requests = Counter("zimage_requests", "Generation requests by outcome and front end",
                                 ["status", "route"], registry=registry)
@@ -32,12 +33,12 @@ class Metrics:
                                        ["stage"], buckets=STAGE_BUCKETS, registry=registry)
         self.peak_vram = Histogram("zimage_peak_vram_bytes", "Peak GPU memory allocated per request",
                                    buckets=VRAM_BUCKETS, registry=registry)
-        Gauge("zimage_queue_depth", "Requests waiting for the GPU (UI queue + JSON API)",
+        Gauge("zimage_queue_depth", "Requests waiting for the GPU (UI, Gradio API and JSON API together)",
               registry=registry).set_function(queue_depth)
         Gauge("zimage_inflight", "Generations running on the GPU", registry=registry).set_function(
             lambda: engine.stats.inflight)
         ProcessCollector(registry=registry)  # process_resident_memory_bytes and friends
-        registry.register(_EngineCollector(engine, store))
+        registry.register(_EngineCollector(engine, store, max_waiting or (lambda: engine.stats.max_waiting)))
 
     def observe_result(self, result, route: str) -> None:
         self.requests.labels("ok", route).inc()
@@ -48,6 +49,7 @@ class Metrics:
             self.peak_vram.observe(result.peak_vram_bytes)
 
     def observe_outcome(self, status: str, route: str) -> None:
+        """`status` is an outcomes.Outcome's label (outcomes.STATUSES)."""
         self.requests.labels(status, route).inc()
 
     def observe_stage(self, stage: str, seconds: float) -> None:
@@ -60,8 +62,8 @@ class Metrics:
 class _EngineCollector:
     """Engine counters and GPU memory, read when Prometheus scrapes."""
 
-    def __init__(self, engine, store=None):
-        self.engine, self.store = engine, store
+    def __init__(self, engine, store, max_waiting: Callable[[], int]):
+        self.engine, self.store, self.max_waiting = engine, store, max_waiting
         self._nvml_handle = None
         self._nvml_failed = False
 
@@ -79,17 +81,18 @@ class _EngineCollector:
             yield CounterMetricFamily("zimage_saved_images", "Images written to the outputs folder",
                                       value=self.store.saved)
         state = GaugeMetricFamily("zimage_engine_state", "1 for the engine's current state", labels=["state"])
-        for name in ("loading", "warming", "ready", "failed", "fatal"):
-            state.add_metric([name], 1.0 if self.engine.state == name else 0.0)
+        current = self.engine.status().state
+        for name in EngineState:
+            state.add_metric([name.value], 1.0 if current is name else 0.0)
         yield state
         yield GaugeMetricFamily("zimage_engine_max_concurrency", "Most generations ever seen on the GPU at once (1)",
                                 value=stats.max_concurrent)
         yield GaugeMetricFamily("zimage_engine_max_waiting", "Most requests ever seen waiting for or holding the GPU",
-                                value=stats.max_waiting)
+                                value=self.max_waiting())
         yield from self._gpu_memory()
 
     def _gpu_memory(self):
-        device = self.engine.device
+        device = self.engine.describe()["device"]
         if not device.startswith("cuda") or self._nvml_failed:
             return
         try:

@@ -48,18 +48,21 @@ class OutputStore:
             except OSError:
                 pass
 
-    def save(self, result) -> list[Future]:
-        """Queue every image of `result` for writing; each future gives the Path, or raises OSError."""
-        return [self._writer.submit(self._write, image, result, seed)
-                for image, seed in zip(result.images, result.seeds)]
+    def save(self, result, png: list[bytes] | None = None) -> list[Future]:
+        """Queue every image of `result` for writing; each future gives the Path, or raises OSError.
+        `png`: the images already encoded by images.encode(..., "png", images.metadata(...)), if the caller
+        has them (the JSON API's PNG responses), so they are not encoded twice."""
+        blobs = png if png is not None else [None] * len(result.images)
+        return [self._writer.submit(self._write, image, result, seed, blob)
+                for image, seed, blob in zip(result.images, result.seeds, blobs)]
 
-    def _write(self, image, result, seed: int) -> Path:
+    def _write(self, image, result, seed: int, blob: bytes | None) -> Path:
         meta = images.metadata(result, seed, self.model)
         now = time.localtime()
         path = (self.root / time.strftime("%Y-%m-%d", now) /
                 f"{time.strftime('%H%M%S', now)}-{seed}-{secrets.token_hex(3)}.png")
         try:
-            images.write_atomic(path, images.png_bytes(image, meta))
+            images.write_atomic(path, blob if blob is not None else images.png_bytes(image, meta))
             entry = {**meta, "file": str(path.relative_to(self.root)), "created": round(time.time(), 3)}
             with self._index_lock, open(self.index, "a", encoding="utf-8") as f:
                 f.write(json.dumps(entry, ensure_ascii=False) + "\n")

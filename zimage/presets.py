@@ -25,7 +25,7 @@ class Tier:
     name: str
     side: int  # the tier's area is side x side
     steps: int
-    vae_tiling: bool
+    vae_tiling: bool  # decoded in tiles under every memory profile (memory.profile_spec adds tiers per profile)
     description: str
 
     @property
@@ -36,10 +36,10 @@ class Tier:
 TIERS: dict[str, Tier] = {
     t.name: t
     for t in (
-        Tier("Draft", 768, 6, False, "fast preview, ~0.6 MP, 6 steps"),
-        Tier("Standard", 1024, 8, False, "the model's native 1 MP, 8 steps"),
-        Tier("High", 1280, 8, False, "~1.6 MP, 8 steps"),
-        Tier("Ultra", 1536, 8, True, "~2.4 MP, 8 steps, tiled VAE decode"),
+        Tier("Draft", 768, 6, False, "fast preview, ~0.6 MP"),
+        Tier("Standard", 1024, 8, False, "the model's native 1 MP"),
+        Tier("High", 1280, 8, False, "~1.6 MP"),
+        Tier("Ultra", 1536, 8, True, "~2.4 MP, tiled VAE decode"),
     )
 }
 DEFAULT_TIER = "Standard"
@@ -74,6 +74,11 @@ def preset_size(tier: str, aspect: str) -> tuple[int, int]:
         return abs(math.log(w * h / t.area)) + abs(math.log((w / h) / ratio))
 
     return min(((w, h) for w in around(ideal_w) for h in around(ideal_h)), key=cost)
+
+
+def tier_sizes(tier: str) -> set[tuple[int, int]]:
+    """Every (width, height) the tier has, one per aspect ratio."""
+    return {preset_size(tier, aspect) for aspect in ASPECTS}
 
 
 def tier_for_size(width: int, height: int) -> Tier:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import secrets
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Union
 
 from . import presets
 
@@ -47,21 +47,25 @@ class EngineUnavailable(EngineError):
     """The engine is not loaded yet, or a fatal error made it untrustworthy (it waits for a restart)."""
 
 
+IntLike = Union[int, float, str, None]  # what callers send; numeric strings and whole floats are accepted
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
-    """A request as callers give it. Either `preset` (+ `aspect`) or `width` and `height`.
+    """A request as callers give it, not yet validated (`resolve` checks every field and says what is wrong).
+    Either `preset` (+ `aspect`) or `width` and `height`.
 
     `seed` None or -1 draws a random seed; image i of n gets seed + i, so each image can be remade alone.
     """
 
-    prompt: Any
-    preset: Any = presets.DEFAULT_TIER
-    aspect: Any = presets.DEFAULT_ASPECT
-    width: Any = None
-    height: Any = None
-    steps: Any = None
-    seed: Any = None
-    n: Any = 1
+    prompt: str
+    preset: str | None = presets.DEFAULT_TIER
+    aspect: str | None = presets.DEFAULT_ASPECT
+    width: IntLike = None
+    height: IntLike = None
+    steps: IntLike = None
+    seed: IntLike = None
+    n: IntLike = 1
 
 
 @dataclass(frozen=True)
@@ -69,18 +73,18 @@ class Job:
     """A validated request: everything the engine needs, nothing left to default."""
 
     prompt: str
-    preset: str  # tier name, or "Custom"
+    preset: str  # the label results and metrics carry: a tier name, or "Custom" for a size no preset has
+    tier: str  # the tier whose memory plan and refusal rules apply (for a custom size: the smallest covering it)
     width: int
     height: int
     steps: int
     seeds: tuple[int, ...]
-    vae_tiling: bool
+    task: str = "text-to-image"
+    # The memory plan, decided once by the engine's placement when it resolves the job (memory.Placement.plan).
+    vae_tiling: bool = False
     warnings: tuple[str, ...] = ()
     prompt_tokens: int | None = None  # as the pipeline tokenizes it; counted once, before the GPU lock
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return self.width, self.height, self.steps
+    keep_latents: bool = False  # return the final latents too (quality checks in benchmarks and GPU tests)
 
 
 @dataclass
@@ -149,16 +153,22 @@ def resolve(request: GenerationRequest) -> Job:
     if tier is None:
         raise RequestError(f"unknown quality preset {tier_name!r}: use one of {', '.join(presets.TIERS)}", "preset")
     if custom:
-        preset_label = "Custom"
-        tiling = presets.tier_for_size(width, height).vae_tiling
+        # A size that is one of the asked tier's preset sizes is that preset; any other size is "Custom", and
+        # the tier then only supplies the default steps.
+        if (width, height) in presets.tier_sizes(tier.name):
+            preset_label, size_tier = tier.name, tier
+        else:
+            preset_label, size_tier = "Custom", presets.tier_for_size(width, height)
+            if request.preset is not None:
+                warnings.append(f"size {width}x{height} is not a {tier.name} preset size; generated at that size "
+                                f"with {tier.name}'s defaults otherwise (reported as Custom)")
     else:
         aspect = request.aspect if request.aspect is not None else presets.DEFAULT_ASPECT
         aspect_name = aspect if isinstance(aspect, str) and aspect in presets.ASPECTS else None
         if aspect_name is None:
             raise RequestError(f"unknown aspect ratio {aspect!r}: use one of {', '.join(presets.ASPECTS)}", "aspect")
         width, height = presets.preset_size(tier.name, aspect_name)
-        preset_label = tier.name
-        tiling = tier.vae_tiling
+        preset_label, size_tier = tier.name, tier
 
     if request.steps is None:
         steps = tier.steps
@@ -180,8 +190,8 @@ def resolve(request: GenerationRequest) -> Job:
             raise RequestError(f"seed {seed} is out of range: use 0 to {SEED_MAX}, or -1 for random", "seed")
     seeds = tuple((seed + i) % (SEED_MAX + 1) for i in range(n))
 
-    return Job(prompt=prompt, preset=preset_label, width=width, height=height, steps=steps, seeds=seeds,
-               vae_tiling=tiling, warnings=tuple(warnings))
+    return Job(prompt=prompt, preset=preset_label, tier=size_tier.name, width=width, height=height, steps=steps,
+               seeds=seeds, warnings=tuple(warnings))
 
 
 def _find(table: dict, name: Any):

@@ -1,5 +1,5 @@
-"""Assembles the service: engine + outputs store + metrics + HTTP routes + Gradio UI in one FastAPI app,
-and loads/warms the engine in the background so /healthz answers from the first second."""
+"""Assembles the service: engine + GPU queue + outputs store + metrics + HTTP routes + Gradio UI in one
+FastAPI app, and loads/warms the engine in the background so /healthz answers from the first second."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from fastapi import FastAPI
 
 from . import api, ui
 from .engine import Engine
+from .gpu_queue import GenerationQueue
 from .metrics import Metrics
 from .outputs import OutputStore
 from .settings import Settings
@@ -24,6 +25,7 @@ log = logging.getLogger("zimage.server")
 class Service:
     app: FastAPI
     engine: Engine
+    queue: GenerationQueue
     store: OutputStore
     metrics: Metrics
 
@@ -31,41 +33,36 @@ class Service:
 def create_service(settings: Settings, engine: Engine | None = None) -> Service:
     engine = engine or Engine(settings)
     store = OutputStore(settings.outputs, settings.model)
-    queue_holder: list[gr.Blocks] = []
-
-    def ui_waiting() -> int:
-        """Events waiting in Gradio's queue (not yet running)."""
-        queue = getattr(queue_holder[0], "_queue", None) if queue_holder else None
-        return len(queue) if queue is not None else 0
-
-    metrics = Metrics(engine, queue_depth=lambda: ui_waiting() + engine.waiting, store=store)
-    demo = ui.build(engine, store, metrics, settings)
-    demo.queue(max_size=settings.queue_size, default_concurrency_limit=1)
-    queue_holder.append(demo)
+    queue = GenerationQueue(engine, settings.queue_size)
+    metrics = Metrics(engine, queue_depth=lambda: queue.waiting + engine.waiting,
+                      max_waiting=lambda: max(queue.max_waiting, engine.stats.max_waiting), store=store)
+    demo = ui.build(engine, queue, store, metrics, settings)
+    # Gradio hands every UI event to our queue at once (its handler is async: a waiting one holds no thread);
+    # the GPU queue above decides who waits and who is told "busy", for the UI and the JSON API alike.
+    demo.queue(max_size=settings.queue_size, default_concurrency_limit=settings.queue_size + 1)
 
     app = FastAPI(title="Z-Image-Turbo studio", version="1", docs_url="/docs", redoc_url=None)
-    api.install(app, engine=engine, store=store, metrics=metrics, settings=settings, ui_waiting=ui_waiting)
+    api.install(app, engine=engine, queue=queue, store=store, metrics=metrics, settings=settings)
     settings.outputs.mkdir(parents=True, exist_ok=True)
     app = gr.mount_gradio_app(app, demo, path="/", auth=settings.auth_pair(), ssr_mode=False,
                               allowed_paths=[str(settings.outputs.resolve())], show_error=True,
                               auth_message="Z-Image-Turbo studio")
-    return Service(app=app, engine=engine, store=store, metrics=metrics)
+    return Service(app=app, engine=engine, queue=queue, store=store, metrics=metrics)
 
 
 def start_engine(service: Service, on_failure: Callable[[BaseException], None]) -> threading.Thread:
     """Load, then warm up, on a background thread; `on_failure` is called if either fails."""
-    from warmup import warm_up
 
     def run() -> None:
         engine = service.engine
         try:
             engine.load()
             if engine.settings.warmup_enabled():
-                warm_up(engine)
+                engine.warm_up()
             else:
                 engine.mark_ready()
         except BaseException as exc:  # noqa: BLE001 - reported to the caller, which stops the server
-            engine.state, engine.state_detail = "failed", str(exc)
+            engine.mark_failed(str(exc))
             log.error("start-up failed: %s", exc)
             on_failure(exc)
 

@@ -1,9 +1,9 @@
 """Every knob of the service, in one object.
 
-Each option is declared once in OPTIONS (name, CLI flag, env var, parser, default, help); `Settings.load`
-reads the environment (`ZIMAGE_*`), then the command line (which wins), validates everything, and fails
-with a message naming the flag, the env var and the allowed values. Nothing else in the project reads
-`ZIMAGE_*` variables.
+Each option is declared once in OPTIONS (name, CLI flag, env var, parser, help); its default is the
+Settings field of the same name. `Settings.load` reads the environment (`ZIMAGE_*`), then the command line
+(which wins), validates everything, and fails with a message naming the flag, the env var and the allowed
+values. Nothing else in the project reads `ZIMAGE_*` variables.
 """
 
 from __future__ import annotations
@@ -114,9 +114,8 @@ def _path(raw: str) -> Path:
 
 @dataclass(frozen=True)
 class Option:
-    name: str
+    name: str  # a field of Settings, which holds the default
     parse: Callable[[str], Any]
-    default: Any
     help: str
 
     @property
@@ -127,36 +126,40 @@ class Option:
     def env(self) -> str:
         return "ZIMAGE_" + self.name.upper()
 
+    @property
+    def default(self) -> Any:
+        return _DEFAULTS[self.name]
+
 
 def _default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "zimage"
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("model", _text, DEFAULT_MODEL,
+    Option("model", _text,
            "'tiny' (offline demo), 'tiny-random', 'random-full' (full-size random weights, GPU benchmarks), "
            "a Hugging Face id, or a local folder saved by save_pretrained"),
-    Option("device", _device, "auto", "auto (cuda if available), cpu, cuda, cuda:N"),
-    Option("dtype", _dtype, "auto", "auto (bf16 on CUDA, fp32 on CPU), bf16, fp32"),
-    Option("attention", _attention, "auto", "attention backend: auto (fastest available) or a diffusers backend name"),
-    Option("compile", _choice(ON_OFF_AUTO), "auto", "regional torch.compile of the transformer: auto (on for CUDA)"),
-    Option("fp8", _choice(ON_OFF_AUTO), "auto",
+    Option("device", _device, "auto (cuda if available), cpu, cuda, cuda:N"),
+    Option("dtype", _dtype, "auto (bf16 on CUDA, fp32 on CPU), bf16, fp32"),
+    Option("attention", _attention, "attention backend: auto (fastest available) or a diffusers backend name"),
+    Option("compile", _choice(ON_OFF_AUTO), "regional torch.compile of the transformer: auto (on for CUDA)"),
+    Option("fp8", _choice(ON_OFF_AUTO),
            "fp8 rowwise transformer weights via torchao: auto (on where compute capability >= 8.9 and dtype is bf16)"),
-    Option("memory_profile", _choice(MEMORY_PROFILES), "auto",
+    Option("memory_profile", _choice(MEMORY_PROFILES),
            "which parts stay on the GPU: auto (chosen from the card's memory), full, 16gb, 12gb"),
-    Option("gpu_memory_limit", _gib, 0.0,
+    Option("gpu_memory_limit", _gib,
            "GiB of the GPU this process may use, as if the card were that small (0: the whole card)"),
-    Option("outputs", _path, Path("outputs"), "folder for generated images and their history index"),
-    Option("host", _text, "127.0.0.1", "address to bind; 0.0.0.0 to serve other machines"),
-    Option("port", _int_range(1, 65535), 7860, "port to bind"),
-    Option("queue_size", _int_range(1, 10_000), 32, "requests allowed to wait for the GPU; more get 'busy' / HTTP 429"),
-    Option("auth", _auth, "", "user:password protecting the UI and the JSON API (empty: no auth)"),
-    Option("cache_dir", _path, None, "where the tiny model and compile caches live (default ~/.cache/zimage)"),
-    Option("warmup", _choice(ON_OFF_AUTO), "auto", "generate once per served shape before reporting ready"),
-    Option("embed_cache", _int_range(0, 4096), 64, "prompt embeddings kept for repeated prompts (0 disables)"),
-    Option("oom_fatal_count", _int_range(1, 1000), 3, "this many OOMs within --oom-fatal-window seconds is fatal"),
-    Option("oom_fatal_window", _positive_float, 60.0, "seconds over which --oom-fatal-count OOMs are counted"),
-    Option("log_level", _choice(LOG_LEVELS), "info", "log level"),
+    Option("outputs", _path, "folder for generated images and their history index"),
+    Option("host", _text, "address to bind; 0.0.0.0 to serve other machines"),
+    Option("port", _int_range(1, 65535), "port to bind"),
+    Option("queue_size", _int_range(1, 10_000), "requests allowed to wait for the GPU; more get 'busy' / HTTP 429"),
+    Option("auth", _auth, "user:password protecting the UI and the JSON API (empty: no auth)"),
+    Option("cache_dir", _path, "where the tiny model and compile caches live (default ~/.cache/zimage)"),
+    Option("warmup", _choice(ON_OFF_AUTO), "generate once per served shape before reporting ready"),
+    Option("embed_cache", _int_range(0, 4096), "prompt embeddings kept for repeated prompts (0 disables)"),
+    Option("oom_fatal_count", _int_range(1, 1000), "this many OOMs within --oom-fatal-window seconds is fatal"),
+    Option("oom_fatal_window", _positive_float, "seconds over which --oom-fatal-count OOMs are counted"),
+    Option("log_level", _choice(LOG_LEVELS), "log level"),
 )
 
 
@@ -189,8 +192,12 @@ class Settings:
     @classmethod
     def load(cls, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> "Settings":
         """Settings from env `ZIMAGE_*` and command-line flags (flags win). Raises SettingsError."""
+        return cls.from_args(build_arg_parser().parse_args(argv), env)
+
+    @classmethod
+    def from_args(cls, cli: argparse.Namespace, env: Mapping[str, str] | None = None) -> "Settings":
+        """Settings from parsed flags (a parser made with add_options) and env `ZIMAGE_*`."""
         env = os.environ if env is None else env
-        cli = build_arg_parser().parse_args(argv)
         values: dict[str, Any] = {}
         for opt in OPTIONS:
             raw, source = getattr(cli, opt.name), opt.flag
@@ -237,12 +244,19 @@ class Settings:
         return user, password
 
 
-def build_arg_parser() -> argparse.ArgumentParser:
+_DEFAULTS = {f.name: f.default for f in fields(Settings)}
+
+
+def add_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """CLI flags for every option; defaults are None so that 'not given' falls through to env."""
-    parser = argparse.ArgumentParser(
-        description="Z-Image-Turbo studio. Every flag also reads ZIMAGE_<NAME> from the environment; flags win."
-    )
+    group = parser.add_argument_group("service settings (each also read from ZIMAGE_<NAME>; flags win)")
     for opt in OPTIONS:
-        parser.add_argument(opt.flag, dest=opt.name, default=None, metavar=opt.name.upper(),
-                            help=f"{opt.help} [env {opt.env}; default {opt.default}]")
+        default = "~/.cache/zimage" if opt.name == "cache_dir" else opt.default
+        group.add_argument(opt.flag, dest=opt.name, default=None, metavar=opt.name.upper(),
+                           help=f"{opt.help} [env {opt.env}; default {default}]")
     return parser
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    return add_options(argparse.ArgumentParser(
+        description="Z-Image-Turbo studio. Every flag also reads ZIMAGE_<NAME> from the environment; flags win."))

@@ -1,7 +1,7 @@
 """Speed switches applied to a placed pipeline: attention backend, fp8 weights, regional compile.
 
 Order matters: quantize to fp8 *before* compiling (quantizing a compiled model took 391 s to first image
-and produced NaN pixels on the H100; ../shared/ZIMAGE.md).
+and produced NaN pixels on the H100; docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations

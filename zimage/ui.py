@@ -1,20 +1,23 @@
-"""The Gradio UI: a thin layer of widgets over the engine and the outputs store.
+"""The Gradio UI: a thin layer of widgets over the engine interface, the GPU queue and the outputs store.
 
-Generation is one Gradio event in the "gpu" concurrency group (limit 1), exposed to programs as
-`api_name="generate"`. Saving the full PNGs is a chained event outside that group, so encoding them never
-holds up the next person's generation; the gallery shows fast JPEG previews meanwhile.
+Generation is one Gradio event, exposed to programs as `api_name="generate"`; it waits in the service's one
+GPU queue (gpu_queue.py) beside JSON-API requests and shows its place in line. Saving the full PNGs is a
+chained event, so encoding them never holds up the next person's generation; the gallery shows fast JPEG
+previews meanwhile.
 """
 
 from __future__ import annotations
 
-import threading
+import asyncio
 
 import gradio as gr
 
-from . import images, presets
-from .request import EngineError, EngineUnavailable, GenerationCancelled, GenerationRequest
+from . import images, presets, request as requests
+from .interface import EngineState
+from .outcomes import QueueFull, outcome_of
+from .request import MAX_IMAGES, SEED_MAX, EngineError, GenerationCancelled, GenerationRequest
+from .units import GIB
 
-GIB = 2**30
 EXAMPLE_PROMPTS = [
     "A cinematic photo of a red fox in a snowy birch forest at dawn, soft golden light, 85mm lens",
     "一只橘猫趴在洒满阳光的窗台上，水彩画风格",
@@ -65,50 +68,66 @@ def run_details(result) -> dict:
             "warnings": result.warnings}
 
 
+STATE_LABELS = {EngineState.LOADING: "⏳ loading the model…",
+                EngineState.WARMING: "🔥 warming up (compiling and trying each size)…",
+                EngineState.READY: "✅ ready", EngineState.FAILED: "❌ failed to load: {detail}",
+                EngineState.FATAL: "❌ stopped after a fatal error, waiting for a restart: {detail}"}
+
+
 def status_line(engine) -> str:
-    d = engine.describe()
-    state = {"loading": "⏳ loading the model…", "warming": "🔥 warming up (compiling and trying each size)…",
-             "ready": "✅ ready", "failed": f"❌ failed to load: {engine.state_detail}",
-             "fatal": f"❌ stopped after a fatal error, waiting for a restart: {engine.state_detail}"}[engine.state]
+    d, status = engine.describe(), engine.status()
+    state = STATE_LABELS[status.state].format(detail=status.detail)
     extras = f" · {d['device']} · {d['dtype']}"
-    if engine.pipe is not None:
+    if status.loaded:
         extras += f" · attention {d['attention']}" + (" · compiled" if d["compiled"] else "") + (
             " · fp8" if d["fp8"] else "")
     return f"**{d['model']}**{extras} — {state}"
 
 
-def build(engine, store, metrics, settings) -> gr.Blocks:
-    running: dict[str, threading.Event] = {}  # session -> cancel flag of its running generation
+def build(engine, queue, store, metrics, settings) -> gr.Blocks:
+    running = {}  # session -> gpu_queue.Ticket of its generation in line or running
 
-    def generate(prompt, quality, aspect, seed, random_seed, count, request: gr.Request,
-                 progress=gr.Progress()):
-        try:
-            engine.check_available()
-        except EngineUnavailable as exc:
-            metrics.observe_outcome("unavailable", "ui")
-            raise gr.Error(str(exc), title="Not ready yet") from None
+    async def generate(prompt, quality, aspect, seed, random_seed, count, request: gr.Request,
+                       progress=gr.Progress()):
         req = GenerationRequest(prompt=prompt, preset=quality, aspect=aspect,
                                 seed=None if random_seed else seed, n=count)
-        cancel = threading.Event()
+        try:
+            requests.resolve(req)  # cheap checks first: a mistake is reported even when the queue is full
+            engine.status().check()
+            ticket = queue.admit()
+        except (EngineError, QueueFull) as exc:
+            refuse(exc)
         session = request.session_hash if request is not None else None
         if session:
-            running[session] = cancel
+            running[session] = ticket
         try:
-            result = engine.generate(req, cancel=cancel, on_progress=lambda done, total: progress(
-                (done, total), desc="Denoising", unit="steps"))
+            job = await asyncio.to_thread(engine.resolve, req)  # tokenizes: off the event loop
+            work = asyncio.ensure_future(queue.run(ticket, job, lambda done, total: progress(
+                (done, total), desc="Denoising", unit="steps")))
+            while not work.done():
+                ahead = queue.position(ticket)
+                if ahead:
+                    progress((0, job.steps * len(job.seeds)), desc=f"In queue: {ahead} ahead of you", unit="steps")
+                await asyncio.wait({work}, timeout=0.5)
+            result = work.result()
         except GenerationCancelled:
             metrics.observe_outcome("cancelled", "ui")
-            return gr.update(), "Cancelled.", None, gr.update(), None
+            return None, "Cancelled.", None, gr.update(), None
         except EngineError as exc:
-            status = {"RequestError": "invalid", "OutOfMemory": "oom", "EngineUnavailable": "unavailable"}
-            metrics.observe_outcome(status.get(type(exc).__name__, "error"), "ui")
-            raise gr.Error(str(exc)) from None
+            refuse(exc)
         finally:
-            if session:
-                running.pop(session, None)
+            queue.leave(ticket)  # no-op once it ran; frees the place of a request resolve refused
+            if session and running.get(session) is ticket:
+                running.pop(session)
         metrics.observe_result(result, "ui")
         saving = store.save(result)  # full PNGs with metadata, written in the background
         return result.images, info_line(result), run_details(result), result.seeds[0], (result, saving)
+
+    def refuse(exc: BaseException):
+        outcome = outcome_of(exc)
+        metrics.observe_outcome(outcome.status, "ui")
+        raise gr.Error(outcome.message, title="Not ready yet" if outcome.status == "unavailable" else "Error") \
+            from None
 
     def report_saved(pending):
         """Wait for the background PNG writes of the last run, then offer the files and refresh history."""
@@ -127,9 +146,11 @@ def build(engine, store, metrics, settings) -> gr.Blocks:
         return paths or None, line, history_items()
 
     def cancel_running(request: gr.Request):
-        flag = running.get(request.session_hash) if request is not None else None
-        if flag is not None:
-            flag.set()
+        ticket = running.get(request.session_hash) if request is not None else None
+        if ticket is None:
+            return gr.update(), gr.update()
+        ticket.cancel.set()
+        return None, "Cancelled."
 
     def history_items():
         return [(e["path"], f"{e['prompt'][:80]} · seed {e['seed']}") for e in store.recent(24)]
@@ -146,7 +167,7 @@ def build(engine, store, metrics, settings) -> gr.Blocks:
             meta = images.read_parameters(data)
         except Exception as exc:  # any unreadable upload: say so, never crash the page
             return None, f"⚠️ {exc}", gr.update(interactive=False)
-        text = images.parameters_text({**{"steps": "?", "sampler": "?", "guidance_scale": 0, "seed": "?",
+        text = images.parameters_text({**{"steps": "?", "sampler": "?", "guidance_scale": presets.GUIDANCE_SCALE, "seed": "?",
                                           "width": "?", "height": "?", "model": "?", "preset": "?"}, **meta})
         return meta, text, gr.update(interactive=True)
 
@@ -177,10 +198,10 @@ def build(engine, store, metrics, settings) -> gr.Blocks:
                                                  label="Aspect", elem_id="aspect")
                         note = gr.Markdown(size_note(presets.DEFAULT_TIER, presets.DEFAULT_ASPECT))
                         with gr.Row():
-                            seed = gr.Number(value=-1, precision=0, label="Seed", minimum=-1, maximum=2**32 - 1)
+                            seed = gr.Number(value=-1, precision=0, label="Seed", minimum=-1, maximum=SEED_MAX)
                             random_seed = gr.Checkbox(value=True, label="Random seed")
                             reuse = gr.Button("♻️ Reuse last seed", size="sm")
-                        count = gr.Slider(1, 4, value=1, step=1, label="Images")
+                        count = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Images")
                         with gr.Row():
                             go = gr.Button("Generate", variant="primary", elem_id="generate")
                             stop = gr.Button("Cancel", variant="stop")
@@ -207,19 +228,20 @@ def build(engine, store, metrics, settings) -> gr.Blocks:
         aspect.change(lambda t, a: size_note(t, a), [quality, aspect], note, queue=False)
         reuse.click(lambda s: (s if s is not None else -1, s is None), last_seed, [seed, random_seed], queue=False)
         run = go.click(generate, [prompt, quality, aspect, seed, random_seed, count], [gallery, info, details, last_seed, last],
-                       api_name="generate", concurrency_limit=1, concurrency_id="gpu")
+                       api_name="generate", concurrency_limit=settings.queue_size + 1)
         # Open the result on its first image: the preview shows it whole, where the grid would cut a square
         # image's bottom off. A separate UI-only step, so the API's output stays a plain list of images.
         run.then(lambda: gr.Gallery(selected_index=0), None, gallery, queue=False, api_visibility="private")
         run.then(report_saved, last, [files, info, history], concurrency_limit=None, api_visibility="private")
-        stop.click(cancel_running, None, None, cancels=[run], queue=False, api_visibility="private")
+        stop.click(cancel_running, None, [gallery, info], cancels=[run], queue=False, api_visibility="private")
         refresh.click(history_items, None, history, queue=False, api_visibility="private")
         upload.change(read_back, upload, [params, params_text, send], queue=False, api_visibility="private")
         send.click(send_to_form, params, [prompt, quality, aspect, seed, random_seed, note, tabs], queue=False,
                    api_visibility="private")
 
         def tick():
-            return status_line(engine), gr.Timer(active=engine.state in ("loading", "warming"))
+            state = engine.status().state
+            return status_line(engine), gr.Timer(active=state in (EngineState.LOADING, EngineState.WARMING))
 
         timer.tick(tick, None, [status, timer], queue=False, api_visibility="private")
         demo.load(lambda: (status_line(engine), history_items()), None, [status, history], queue=False,

@@ -1,4 +1,5 @@
-"""Runs the real app (`python app.py`) as a subprocess on a free port, for HTTP, Gradio and browser tests."""
+"""Runs the real app (`python app.py`) as a child process on a free port and waits for it: for the HTTP,
+Gradio and browser tests, the load and soak tools, and the cold-start benchmark."""
 
 from __future__ import annotations
 

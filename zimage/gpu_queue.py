@@ -1,0 +1,105 @@
+"""One queue in front of the engine for every front end: UI, Gradio API and JSON API wait in the same line.
+
+    ticket = queue.admit()                  # QueueFull (-> "busy" / HTTP 429) when `limit` already wait
+    result = await queue.run(ticket, job, on_progress, cancel)
+    queue.position(ticket)                  # how many are ahead, for the UI's "in queue" line
+
+Generations run on one dedicated thread in arrival order, so a waiting generation never holds a thread
+that image encoding, file writes or HTTP handling need (asyncio's default pool stays free for those), and
+a finished image is encoded and returned at once. The engine's own FIFO lock still serialises direct
+callers (CLI, benchmarks, tests). A cancel set while a request waits takes it out of the line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from .interface import ImageEngine, ProgressFn
+from .outcomes import QueueFull
+from .request import GenerationCancelled, GenerationResult, Job
+
+
+class Ticket:
+    __slots__ = ("number", "cancel")
+
+    def __init__(self, number: int):
+        self.number = number
+        self.cancel = threading.Event()
+
+
+class GenerationQueue:
+    def __init__(self, engine: ImageEngine, limit: int):
+        self.engine, self.limit = engine, limit
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zimage-gpu")
+        self._lock = threading.Lock()
+        self._numbers = itertools.count()
+        self._waiting: list[Ticket] = []  # admitted, not yet running, in arrival order
+        self._running = 0
+        self.max_waiting = 0  # most requests ever seen waiting for or holding the GPU (load-test evidence)
+        self._recent_seconds = 5.0  # moving estimate of one request's time, for Retry-After
+
+    @property
+    def waiting(self) -> int:
+        """Requests admitted and not yet running (the queue-depth gauge)."""
+        with self._lock:
+            return sum(1 for t in self._waiting if not t.cancel.is_set())
+
+    def admit(self) -> Ticket:
+        """A place in line, or QueueFull. One request may run while `limit` wait, as in Gradio's queue."""
+        with self._lock:
+            self._waiting = [t for t in self._waiting if not t.cancel.is_set()]
+            if len(self._waiting) + self._running >= self.limit + 1:
+                retry = max(1, math.ceil(self._recent_seconds * (len(self._waiting) + 1)))
+                raise QueueFull(f"the server is busy ({len(self._waiting)} request"
+                                f"{'s' if len(self._waiting) != 1 else ''} already waiting); retry in about "
+                                f"{retry} s", retry)
+            ticket = Ticket(next(self._numbers))
+            self._waiting.append(ticket)
+            self.max_waiting = max(self.max_waiting, len(self._waiting) + self._running)
+            return ticket
+
+    def leave(self, ticket: Ticket) -> None:
+        """Give up a place that will not be run (the request turned out invalid)."""
+        with self._lock:
+            if ticket in self._waiting:
+                self._waiting.remove(ticket)
+
+    def position(self, ticket: Ticket) -> int:
+        """Requests ahead of `ticket` (running one included); 0 once it runs."""
+        with self._lock:
+            if ticket not in self._waiting:
+                return 0
+            return self._running + sum(1 for t in self._waiting[:self._waiting.index(ticket)]
+                                       if not t.cancel.is_set())
+
+    async def run(self, ticket: Ticket, job: Job, on_progress: ProgressFn | None = None) -> GenerationResult:
+        """Run `job` in its turn. Set `ticket.cancel` to stop it: in line it leaves at once, running it stops
+        at the next denoising step (GenerationCancelled either way)."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, self._work, ticket, job, on_progress)
+        except asyncio.CancelledError:  # the caller's task was cancelled (UI Cancel): stop the work too
+            ticket.cancel.set()
+            raise
+
+    def _work(self, ticket: Ticket, job: Job, on_progress: ProgressFn | None) -> GenerationResult:
+        with self._lock:
+            if ticket in self._waiting:
+                self._waiting.remove(ticket)
+            if ticket.cancel.is_set():
+                raise GenerationCancelled("cancelled while waiting for the GPU")
+            self._running += 1
+        try:
+            result = self.engine.generate(job, on_progress, ticket.cancel)
+            self._recent_seconds = 0.7 * self._recent_seconds + 0.3 * result.timings["total"]
+            return result
+        finally:
+            with self._lock:
+                self._running -= 1
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,208 @@
+"""The three stages of a generation -- text encode, denoise, VAE decode -- and their out-of-memory ladder.
+
+Owned and called by the engine under its GPU lock; nothing else uses this module. Each stage runs through
+the real diffusers `ZImagePipeline` (`encode_prompt`; the pipeline with `output_type="latent"`; the VAE), is
+timed, and has its own retry:
+
+    stage fails with torch.OutOfMemoryError
+      -> report "handled" (the engine logs "oom handled" and counts it), free memory, retry once with a
+         lower-memory plan (decode: tiled VAE; encode/denoise: text encoder moved off the GPU)
+      -> fails again: report "failed", raise OutOfMemory with the size, free/total memory and a smaller
+         preset to try.
+
+A task (text-to-image today) is a `Job.task` value; a new task adds its input preparation here and keeps
+the same encode / denoise / decode shape and the same ladder.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from typing import Callable
+
+import numpy as np
+import PIL.Image
+import torch
+
+from . import memory, presets
+from .request import GenerationCancelled, GenerationResult, Job, OutOfMemory
+from .units import GIB
+
+log = logging.getLogger("zimage.engine")  # the engine's log: the monitor reads "oom handled" lines from it
+
+MAX_SEQUENCE_LENGTH = 512  # text encoder tokens the pipeline reads; longer prompts are truncated
+# The pipeline pads every prompt to 512 tokens before the text encoder. The encoder is causal and the padding
+# sits after the prompt, so the prompt's hidden states do not depend on it: padding only to the next multiple
+# of 64 gives the same embeddings for a fraction of the work, with at most 8 shapes for the compiled encoder.
+# (On the H100 the compiled encoder is launch-bound: half the FLOPs, same time. It pays where the encoder is
+# compute-bound: CPU, eager, streamed from host memory.)
+ENCODE_BUCKET = 64
+
+ProgressFn = Callable[[int, int], None]
+# (kind "handled" | "failed", stage, job, action taken): the engine logs and counts it, and decides on fatal.
+OomReport = Callable[[str, str, Job, str], None]
+
+
+def encode_length(n_tokens: int) -> int:
+    return min(MAX_SEQUENCE_LENGTH, -(-n_tokens // ENCODE_BUCKET) * ENCODE_BUCKET)
+
+
+def count_prompt_tokens(tokenizer, prompt: str) -> int:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True, enable_thinking=True)
+    return len(tokenizer(text).input_ids)  # as the pipeline tokenizes it
+
+
+class Stages:
+    def __init__(self, pipe, placement: memory.Placement, device: str, embed_cache_size: int, report_oom: OomReport,
+                 stats):
+        self.pipe, self.placement, self.device = pipe, placement, device
+        self.embed_cache_size = embed_cache_size
+        self.report_oom = report_oom
+        self.stats = stats  # the engine's EngineStats
+        self._embed_cache: collections.OrderedDict[str, list[torch.Tensor]] = collections.OrderedDict()
+
+    def run(self, job: Job, on_progress: ProgressFn, cancel: threading.Event) -> GenerationResult:
+        on_gpu = self.device.startswith("cuda")
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        timings = {"text_encode": 0.0, "denoise": 0.0, "decode": 0.0}
+        warnings, recoveries = list(job.warnings), []
+        total_steps = job.steps * len(job.seeds)
+        t_start = time.perf_counter()
+
+        def timed(stage: str, fn):
+            t0 = time.perf_counter()
+            out = fn()
+            self._sync()
+            timings[stage] += time.perf_counter() - t0
+            return out
+
+        def check_cancel():
+            if cancel.is_set():
+                raise GenerationCancelled("cancelled")
+
+        with torch.no_grad():
+            check_cancel()
+            embeds = timed("text_encode", lambda: self._with_oom_retry(
+                "text_encode", job, lambda: self.encode(job.prompt, job.prompt_tokens),
+                lambda: self.encode(job.prompt, job.prompt_tokens, shed=True), "text encoder on CPU", recoveries))
+            images, kept_latents = [], []
+            for index, seed in enumerate(job.seeds):
+                check_cancel()
+                offset = index * job.steps
+                latents = timed("denoise", lambda: self._with_oom_retry(
+                    "denoise", job, lambda: self.denoise(job, embeds, seed, offset, total_steps, on_progress, cancel),
+                    lambda: self.denoise(job, embeds, seed, offset, total_steps, on_progress, cancel, shed=True),
+                    "text encoder moved off the GPU", recoveries))
+                check_cancel()
+                if not bool(torch.isfinite(latents).all()):
+                    warnings.append(f"image {index + 1} (seed {seed}) has non-finite latents; it will look wrong")
+                if job.keep_latents:
+                    kept_latents.append(latents.float().cpu())
+                tiled = self.placement.decode_tiled(job.vae_tiling, job.width, job.height)
+                images.append(timed("decode", lambda: self._with_oom_retry(
+                    "decode", job, lambda: self.decode(latents, tiled=tiled),
+                    lambda: self.decode(latents, tiled=True), "tiled VAE decode", recoveries)))
+                del latents
+        timings = {k: round(v, 4) for k, v in timings.items()}
+        timings["total"] = round(time.perf_counter() - t_start, 4)
+        peak = torch.cuda.max_memory_allocated(self.device) if on_gpu else None
+        warnings += [f"ran out of GPU memory in {r}; recovered" for r in recoveries]
+        return GenerationResult(images=images, seeds=list(job.seeds), prompt=job.prompt, preset=job.preset,
+                                width=job.width, height=job.height, steps=job.steps, timings=timings,
+                                peak_vram_bytes=peak, warnings=warnings, oom_retries=len(recoveries),
+                                latents=kept_latents or None)
+
+    # ---- the stages ------------------------------------------------------------------------------
+    def encode(self, prompt: str, n_tokens: int | None = None, shed: bool = False) -> list[torch.Tensor]:
+        cached = self._embed_cache.get(prompt)
+        if cached is not None:
+            self._embed_cache.move_to_end(prompt)
+            return cached
+        if shed:
+            self.placement.shed_text_encoder()
+        else:
+            self.placement.before_encode()
+        length = encode_length(n_tokens or count_prompt_tokens(self.pipe.tokenizer, prompt))
+        embeds, _ = self.pipe.encode_prompt(prompt, device=self.placement.text_encoder_device,
+                                            do_classifier_free_guidance=False, max_sequence_length=length)
+        embeds = [e.to(self.device) for e in embeds]
+        if self.embed_cache_size > 0:
+            self._embed_cache[prompt] = embeds
+            while len(self._embed_cache) > self.embed_cache_size:
+                self._embed_cache.popitem(last=False)
+        return embeds
+
+    def denoise(self, job: Job, embeds, seed: int, offset: int, total: int, on_progress: ProgressFn,
+                cancel: threading.Event, shed: bool = False) -> torch.Tensor:
+        if shed:
+            self.placement.shed_text_encoder()
+
+        def on_step_end(pipe, step, timestep, tensors):
+            on_progress(offset + step + 1, total)
+            if cancel.is_set():
+                pipe._interrupt = True  # diffusers skips the remaining steps
+            return tensors
+
+        # CPU generator: the same seed gives the same noise on any GPU or on CPU.
+        out = self.pipe(prompt_embeds=embeds, height=job.height, width=job.width, num_inference_steps=job.steps,
+                        guidance_scale=presets.GUIDANCE_SCALE, generator=torch.Generator("cpu").manual_seed(seed),
+                        output_type="latent", callback_on_step_end=on_step_end,
+                        max_sequence_length=MAX_SEQUENCE_LENGTH)
+        return out.images
+
+    def decode(self, latents: torch.Tensor, tiled: bool) -> PIL.Image.Image:
+        vae = self.pipe.vae
+        scaled = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        if tiled:
+            vae.enable_tiling()
+        try:
+            decoded = vae.decode(scaled, return_dict=False)[0]
+        finally:
+            if tiled:
+                vae.disable_tiling()
+        if not bool(torch.isfinite(decoded).all()):
+            log.warning("non-finite pixels decoded (shown as black)")
+            self.stats.nonfinite_images += 1
+        # To uint8 on the device: 4x fewer bytes to copy than float32 (same formula as VaeImageProcessor).
+        pixels = ((decoded[0].float() * 0.5 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+        return PIL.Image.fromarray(np.ascontiguousarray(pixels.permute(1, 2, 0).cpu().numpy()))
+
+    # ---- out of memory ---------------------------------------------------------------------------
+    def _with_oom_retry(self, stage: str, job: Job, run, fallback, fallback_label: str, recoveries: list):
+        try:
+            return run()
+        except torch.OutOfMemoryError:
+            self.report_oom("handled", stage, job, f"retry with {fallback_label}")
+        # Outside the except block: the traceback's frames (and their tensors) are gone before we retry.
+        memory.release_memory(self.device)
+        try:
+            result = fallback()
+        except torch.OutOfMemoryError:
+            self.report_oom("failed", stage, job, "giving up")
+            memory.release_memory(self.device)
+            raise OutOfMemory(oom_message(stage, job, self.device), stage) from None
+        recoveries.append(f"{stage} ({fallback_label})")
+        return result
+
+    def _sync(self) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize(self.device)
+
+
+def memory_note(device: str, template: str, fallback: str) -> str:
+    free_total = memory.gpu_memory(device)
+    return template.format(free=free_total[0] / GIB, total=free_total[1] / GIB) if free_total else fallback
+
+
+def oom_message(stage: str, job: Job, device: str) -> str:
+    mem = memory_note(device, "{free:.1f} GiB free of {total:.1f} GiB", "memory exhausted")
+    smaller = [t for t in presets.TIERS.values() if t.area < job.width * job.height]
+    hint = (f"try the {smaller[-1].name} preset" if smaller else "try a smaller size")
+    if len(job.seeds) > 1:
+        hint += " or fewer images"
+    return (f"out of GPU memory in {stage} for {job.width}x{job.height} ({job.preset}) even after a "
+            f"lower-memory retry; {mem}. {hint[0].upper() + hint[1:]}.")
