@@ -29,6 +29,9 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from zimage.loading import quiet_libraries
+
+    quiet_libraries()  # before anything imports diffusers (--attention validation does)
     try:
         settings = Settings.load(argv)
     except SettingsError as exc:
@@ -36,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stdout, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
     try:
         sock = listen(settings.host, settings.port)
     except OSError as exc:

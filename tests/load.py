@@ -32,6 +32,42 @@ def metric_value(text: str, name: str) -> float | None:
     return float(match.group(1)) if match else None
 
 
+def staggered(url: str, requests: int = 12, gap: float = 0.15, body: dict | None = None) -> list[dict]:
+    """Requests sent `gap` seconds apart; per request: when it was sent and answered, and its engine time.
+
+    With one queue and generations on their own thread, request i is answered about its engine time after
+    the later of its arrival and the previous answer; a response held behind queued work breaks that."""
+    body = body or {"size": "512x512", "steps": 2, "output_format": "jpeg"}
+    rows: list[dict] = []
+    lock = threading.Lock()
+    t_zero = time.monotonic()
+
+    def one(i: int) -> None:
+        sent = time.monotonic() - t_zero
+        status, _, payload = http("POST", url + "/v1/images/generations",
+                                  json.dumps({"prompt": f"staggered {i}", "seed": i, **body}).encode(),
+                                  {"Content-Type": "application/json"}, timeout=600)
+        answered = time.monotonic() - t_zero
+        engine = json.loads(payload)["zimage"]["timings"]["total"] if status == 200 else None
+        with lock:
+            rows.append({"i": i, "status": status, "sent": round(sent, 3), "answered": round(answered, 3),
+                         "engine": engine})
+
+    threads = []
+    for i in range(requests):
+        threads.append(threading.Thread(target=one, args=(i,)))
+        threads[-1].start()
+        time.sleep(gap)
+    for t in threads:
+        t.join(timeout=600)
+    rows.sort(key=lambda r: r["answered"])
+    previous = 0.0
+    for row in rows:  # the time an answer took beyond its own generation, once its turn came
+        row["excess"] = round(row["answered"] - max(row["sent"], previous) - (row["engine"] or 0), 3)
+        previous = row["answered"]
+    return rows
+
+
 def run(url: str, clients: int, seconds: float, auth: tuple[str, str] | None = None) -> dict:
     from gradio_client import Client
 

@@ -95,16 +95,17 @@ def test_openai_jpeg_and_webp(app, fmt, pil_format):
 
 BAD_BODIES = [
     ({"prompt": ""}, "prompt", "empty"),
-    ({"prompt": "a", "size": "500x512"}, "width", "multiple of 16"),
-    ({"prompt": "a", "size": "128x128"}, "width", "256 to 2048"),
-    ({"prompt": "a", "size": "4096x4096"}, "width", "256 to 2048"),
+    ({"prompt": "a", "size": "500x512"}, "size", "multiple of 16"),
+    ({"prompt": "a", "size": "128x128"}, "size", "256 to 2048"),
+    ({"prompt": "a", "size": "4096x4096"}, "size", "256 to 2048"),
+    ({"prompt": "a", "size": "100x100"}, "size", "size '100x100': width 100"),
     ({"prompt": "a", "size": "1024x"}, "size", "WIDTHxHEIGHT"),
     ({"prompt": "a", "size": "-16x16"}, "size", "WIDTHxHEIGHT"),
     ({"prompt": "a", "size": "99999999999x1"}, "size", "WIDTHxHEIGHT"),
     ({"prompt": "a", "n": 0}, "n", "1 to 4"),
     ({"prompt": "a", "n": 5}, "n", "1 to 4"),
     ({"prompt": "a", "n": "two"}, "n", "integer"),
-    ({"prompt": "a", "quality": "Extreme"}, "preset", "Draft, Standard"),
+    ({"prompt": "a", "quality": "Extreme"}, "quality", "Draft, Standard"),
     ({"prompt": "a", "response_format": "url"}, "response_format", "b64_json"),
     ({"prompt": "a", "output_format": "gif"}, "output_format", "png, jpeg or webp"),
     ({"prompt": "a", "seed": -5}, "seed", "-1 for random"),
@@ -260,3 +261,45 @@ def test_missing_model_exits_with_instructions(tmp_path):
                           text=True, timeout=180)
     assert proc.returncode == 1
     assert "hf download Tongyi-MAI/Z-Image-Turbo" in proc.stderr and "--model tiny" in proc.stderr
+
+
+def test_api_docs_work_offline(app):
+    """/docs loads Swagger UI from the app itself (a fresh install has no CDN to reach)."""
+    status, _, html = http("GET", app.url + "/docs")
+    assert status == 200 and b"/docs-assets/swagger-ui-bundle.js" in html and b"cdn." not in html
+    status, headers, js = http("GET", app.url + "/docs-assets/swagger-ui-bundle.js")
+    assert status == 200 and "javascript" in headers["content-type"] and len(js) > 100_000
+    assert http("GET", app.url + "/docs-assets/..%2F..%2Fswagger_ui_bundle%2F__init__.py")[0] == 404
+    assert http("GET", app.url + "/openapi.json")[0] == 200
+
+
+def test_preset_size_is_reported_as_that_preset(app):
+    """The README's own curl: quality Standard with Standard's 1024x1024 is Standard, not Custom."""
+    status, _, body = post(app, {"prompt": "a cat", "quality": "Standard", "size": "1024x1024", "seed": 3,
+                                 "steps": 1, "output_format": "jpeg"})
+    assert status == 200 and body["quality"] == "Standard" and not body["zimage"]["warnings"]
+    status, _, body = post(app, {"prompt": "a cat", "quality": "Standard", "size": "512x512", "seed": 3,
+                                 "steps": 1, "output_format": "jpeg"})
+    assert status == 200 and body["quality"] == "Custom"
+    assert any("not a Standard preset size" in w for w in body["zimage"]["warnings"])
+    assert 'zimage_generation_seconds_count{preset="Standard"}' in http("GET", app.url + "/metrics")[2].decode()
+
+
+def test_start_up_log_has_no_library_chatter_and_user_mistakes_no_traceback(app):
+    """A new user reads import-time deprecation notes and tracebacks as errors (issue 18, item 8)."""
+    from gradio_client import Client
+
+    with pytest.raises(Exception, match="empty"):
+        Client(app.url, verbose=False).predict("   ", "Draft", "1:1", 1, False, 1, api_name="/generate")
+    log = app.log_path.read_text()
+    assert "_pytree" not in log and "Unable to import `torchao`" not in log
+    assert "Traceback" not in log
+
+
+def test_gradio_rest_route_answers_client_mistakes_with_4xx(app):
+    """Issue 13 item 9: Gradio's REST route used to answer an empty prompt or seed -5 with HTTP 500."""
+    for data in (["", "Draft", "1:1", 1, False, 1], ["a cat", "Draft", "1:1", -5, False, 1]):
+        status, _, payload = http("POST", app.url + "/gradio_api/run/generate", json.dumps({"data": data}).encode(),
+                                  {"Content-Type": "application/json"})
+        assert status == 400, (status, payload)
+        assert json.loads(payload)["title"] in ("Invalid request", "Error")  # ours, or Gradio's own input check

@@ -9,6 +9,7 @@ import base64
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,24 @@ def test_png_read_back_tab_fills_the_form(browser, app, tmp_path):
     assert "16:9" in page.locator("#aspect input").input_value()
     page.screenshot(path=str(ARTIFACTS / "browser-read-back.png"), full_page=True)
     page.close()
+
+
+def test_cancel_in_the_browser_says_cancelled(browser, app):
+    """Cancel stops the run, the page says so (no stale image or info line), and the log records it."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(app.url, wait_until="load", timeout=60_000)
+    page.get_by_text("ready").first.wait_for(timeout=60_000)
+    page.locator("#prompt textarea").fill("a yellow star at the top on a purple background")
+    page.locator("#quality input").click()
+    page.get_by_role("option", name="Ultra").click()
+    page.locator("#generate").click()
+    time.sleep(3)  # Ultra takes ~25 s on the CPU: cancel while it runs
+    page.locator("#cancel").click()
+    page.locator("#info").get_by_text("Cancelled.").wait_for(timeout=60_000)
+    assert page.locator("#result img").count() == 0
+    page.screenshot(path=str(ARTIFACTS / "browser-cancel.png"), full_page=True)
+    page.close()
+    deadline = time.monotonic() + 60
+    while "cancelled Ultra" not in app.log() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert "cancelled Ultra" in app.log()

@@ -27,3 +27,13 @@ def test_cli_bad_setting_exits_2_with_message(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "zimage", "x", "--model", "tiny", "--dtype", "fp16"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--dtype / ZIMAGE_DTYPE" in proc.stderr
+
+
+def test_cli_help_lists_request_options_and_settings():
+    """`python -m zimage --help` used to fail ("prompt is required"); `x --help` showed app.py's help only."""
+    for argv in (["--help"], ["a cat", "--help"]):
+        proc = subprocess.run([sys.executable, "-m", "zimage", *argv], cwd=ROOT, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        for option in ("-o OUT", "--preset", "--aspect", "--seed", "-n N", "--width", "--model", "--fp8"):
+            assert option in proc.stdout, option

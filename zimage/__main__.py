@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .engine import Engine
 from .images import save_png
+from .loading import quiet_libraries
 from .presets import ASPECTS, DEFAULT_ASPECT, DEFAULT_TIER, TIERS
 from .request import MAX_IMAGES, EngineError, GenerationRequest
 from .settings import Settings, SettingsError, add_options
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_libraries()
     try:
         engine = Engine.create(settings)
         engine.mark_ready()

@@ -14,10 +14,12 @@ import logging
 import re
 import secrets
 import time
+from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -101,6 +103,15 @@ def parse_generation_body(body) -> tuple[GenerationRequest, str]:
     return request, output_format.lower()
 
 
+def in_api_terms(exc: RequestError, body: dict) -> RequestError:
+    """The engine's field names in the client's: width/height came from `size`, the preset is `quality`."""
+    if exc.param in ("width", "height") and body.get("size") not in (None, "auto"):
+        return RequestError(f"size {body['size']!r}: {exc}", "size")
+    if exc.param == "preset":
+        return RequestError(str(exc), "quality")
+    return exc
+
+
 def install(app: FastAPI, *, engine, queue, store, metrics, settings) -> None:
     """Add the routes and the OpenAI-shaped error handlers to `app`."""
     router = APIRouter()
@@ -147,6 +158,25 @@ def install(app: FastAPI, *, engine, queue, store, metrics, settings) -> None:
         check_auth(request)
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    # /docs works offline: Swagger UI's assets come from the swagger-ui-bundle package, not a CDN.
+    import swagger_ui_bundle
+
+    docs_assets = {name: Path(swagger_ui_bundle.swagger_ui_path) / name
+                   for name in ("swagger-ui-bundle.js", "swagger-ui.css", "favicon-32x32.png")}
+
+    @router.get("/docs", include_in_schema=False)
+    def docs():
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="Z-Image-Turbo studio API",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs-assets/favicon-32x32.png")
+
+    @router.get("/docs-assets/{name}", include_in_schema=False)
+    def docs_asset(name: str):
+        if name not in docs_assets:  # these three files only, never a path
+            raise ApiError(404, f"no such documentation asset: {name!r}")
+        return FileResponse(docs_assets[name])
+
     @router.post("/v1/images/generations", openapi_extra={"requestBody": {
         "required": True, "content": {"application/json": {"schema": ImagesGenerationBody.model_json_schema()}}}})
     async def generations(request: Request):
@@ -174,6 +204,8 @@ def install(app: FastAPI, *, engine, queue, store, metrics, settings) -> None:
         except ApiError as exc:
             metrics.observe_outcome("invalid", route)
             return error_response(exc.status, exc.message, exc.type, exc.param, headers=exc.headers)
+        except RequestError as exc:
+            return refuse(outcome_of(in_api_terms(exc, body)))
         except (EngineError, QueueFull) as exc:
             return refuse(outcome_of(exc))
 
@@ -182,7 +214,7 @@ def install(app: FastAPI, *, engine, queue, store, metrics, settings) -> None:
             job = await asyncio.to_thread(engine.resolve, gen_request)
         except RequestError as exc:
             queue.leave(ticket)
-            return refuse(outcome_of(exc))
+            return refuse(outcome_of(in_api_terms(exc, body)))
         try:
             work = asyncio.ensure_future(queue.run(ticket, job))
             while not work.done():
@@ -203,8 +235,11 @@ def install(app: FastAPI, *, engine, queue, store, metrics, settings) -> None:
         # The PNGs with metadata are written in the background; a PNG response hands over its bytes.
         store.save(result, png=encoded if output_format == "png" else None)
         warnings = list(result.warnings)
-        if store.last_error:
-            warnings.append(f"images are not being saved to the outputs folder: {store.last_error}")
+        png_bytes = (sum(len(blob) for blob in encoded) if output_format == "png"
+                     else 3 * result.width * result.height * len(encoded))  # an uncompressed PNG's size at most
+        save_problem = store.problem(png_bytes)
+        if save_problem:
+            warnings.append(f"images are not being saved to the outputs folder: {save_problem}")
         return {"created": int(time.time()), "data": data, "output_format": output_format,
                 "size": f"{result.width}x{result.height}", "quality": result.preset,
                 "zimage": {"seeds": result.seeds, "steps": result.steps, "timings": result.timings,

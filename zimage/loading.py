@@ -50,7 +50,13 @@ def describe(model: str) -> str:
 
 
 def quiet_libraries() -> None:
-    """Progress bars and import chatter from diffusers/transformers/torchao are noise in a service log."""
+    """Progress bars and import chatter from diffusers/transformers/torchao are noise in a service log, and a
+    new user reads it as errors. Call before diffusers is first imported."""
+    # torchao registers Enum pytree constants that torch now deprecates (a warning per Enum at import), and
+    # diffusers warns that torchao's old tensor classes are gone (they matter only for torchao checkpoints,
+    # which this service never loads).
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    logging.getLogger("diffusers.quantizers.torchao.torchao_quantizer").setLevel(logging.ERROR)
     import diffusers
     import transformers
 

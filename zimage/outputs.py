@@ -10,10 +10,12 @@ index is appended only after the rename, and a torn last line (crash mid-append)
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import secrets
+import shutil
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -74,6 +76,22 @@ class OutputStore:
         self.saved += 1
         self.last_error = None
         return path
+
+    def problem(self, nbytes: int) -> str | None:
+        """Why `nbytes` of images could not be saved right now, or None: checked when a request is answered,
+        so its warning is about its own save (the write itself happens later, in the background)."""
+        folder = self.root / time.strftime("%Y-%m-%d")
+        try:
+            if folder.exists() and not folder.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+            probe = folder if folder.is_dir() else self.root
+            if not os.access(probe, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+            if shutil.disk_usage(probe).free < nbytes:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as exc:
+            return f"{exc.strerror or exc} ({self.root})"
+        return None
 
     def recent(self, limit: int = 24) -> list[dict]:
         """The newest `limit` index entries whose files still exist, newest first."""

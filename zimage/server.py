@@ -41,12 +41,13 @@ def create_service(settings: Settings, engine: Engine | None = None) -> Service:
     # the GPU queue above decides who waits and who is told "busy", for the UI and the JSON API alike.
     demo.queue(max_size=settings.queue_size, default_concurrency_limit=settings.queue_size + 1)
 
-    app = FastAPI(title="Z-Image-Turbo studio", version="1", docs_url="/docs", redoc_url=None)
+    app = FastAPI(title="Z-Image-Turbo studio", version="1", docs_url=None, redoc_url=None)  # /docs: api.py
     api.install(app, engine=engine, queue=queue, store=store, metrics=metrics, settings=settings)
     settings.outputs.mkdir(parents=True, exist_ok=True)
     app = gr.mount_gradio_app(app, demo, path="/", auth=settings.auth_pair(), ssr_mode=False,
                               allowed_paths=[str(settings.outputs.resolve())], show_error=True,
                               auth_message="Z-Image-Turbo studio")
+    app.add_middleware(ui.GradioErrorStatus)
     return Service(app=app, engine=engine, queue=queue, store=store, metrics=metrics)
 
 

@@ -74,6 +74,59 @@ STATE_LABELS = {EngineState.LOADING: "⏳ loading the model…",
                 EngineState.FATAL: "❌ stopped after a fatal error, waiting for a restart: {detail}"}
 
 
+ERROR_TITLES = {"invalid": "Invalid request", "busy": "Busy", "unavailable": "Not ready yet",
+                "oom": "Out of GPU memory", "error": "Server error"}
+# "Error" is the title of Gradio's own input checks (a seed below the Number's minimum, say): a client mistake.
+HTTP_STATUS_BY_TITLE = {"Invalid request": 400, "Error": 400, "Busy": 429, "Not ready yet": 503,
+                        "Out of GPU memory": 503}
+
+
+class GradioErrorStatus:
+    """ASGI middleware: Gradio's REST route (`/gradio_api/run/<api_name>`) answers every error with HTTP 500;
+    programs should see what the JSON API says for the same thing: 400 for their mistakes, 429 when busy, 503
+    when not ready. A full Gradio queue on `/gradio_api/queue/join` stays 503, because Gradio's own clients
+    (gradio_client, the browser UI) read exactly 503 as "queue full"; it gains a Retry-After header."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        if not (path.startswith("/gradio_api/run/") or path == "/gradio_api/queue/join"):
+            return await self.app(scope, receive, send)
+        start: dict = {}
+        body = bytearray()
+
+        async def capture(message):
+            if message["type"] == "http.response.start" and message["status"] in (500, 503):
+                start.update(message)
+                return
+            if start and message["type"] == "http.response.body":
+                body.extend(message.get("body", b""))
+                if message.get("more_body"):
+                    return
+                await send({**start, **self._status(start, bytes(body))})
+                await send({"type": "http.response.body", "body": bytes(body)})
+                return
+            await send(message)
+
+        await self.app(scope, receive, capture)
+
+    @staticmethod
+    def _status(start: dict, body: bytes) -> dict:
+        import json
+
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            return {}
+        if start["status"] == 500 and isinstance(payload, dict) and payload.get("title") in HTTP_STATUS_BY_TITLE:
+            return {"status": HTTP_STATUS_BY_TITLE[payload["title"]]}
+        if start["status"] == 503 and isinstance(payload, dict) and "Queue is full" in str(payload.get("detail")):
+            return {"headers": [*start.get("headers", []), (b"retry-after", b"5")]}
+        return {}
+
+
 def status_line(engine) -> str:
     d, status = engine.describe(), engine.status()
     state = STATE_LABELS[status.state].format(detail=status.detail)
@@ -126,8 +179,10 @@ def build(engine, queue, store, metrics, settings) -> gr.Blocks:
     def refuse(exc: BaseException):
         outcome = outcome_of(exc)
         metrics.observe_outcome(outcome.status, "ui")
-        raise gr.Error(outcome.message, title="Not ready yet" if outcome.status == "unavailable" else "Error") \
-            from None
+        # A user's mistake or a busy server is not a server fault: no traceback in the log for it. The title
+        # also tells GradioErrorStatus which HTTP status Gradio's REST route should have answered.
+        raise gr.Error(outcome.message, title=ERROR_TITLES[outcome.status],
+                       print_exception=outcome.status == "error") from None
 
     def report_saved(pending):
         """Wait for the background PNG writes of the last run, then offer the files and refresh history."""
@@ -201,10 +256,10 @@ def build(engine, queue, store, metrics, settings) -> gr.Blocks:
                             seed = gr.Number(value=-1, precision=0, label="Seed", minimum=-1, maximum=SEED_MAX)
                             random_seed = gr.Checkbox(value=True, label="Random seed")
                             reuse = gr.Button("♻️ Reuse last seed", size="sm")
-                        count = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Images")
+                        count = gr.Slider(1, MAX_IMAGES, value=1, step=1, precision=0, label="Images")
                         with gr.Row():
                             go = gr.Button("Generate", variant="primary", elem_id="generate")
-                            stop = gr.Button("Cancel", variant="stop")
+                            stop = gr.Button("Cancel", variant="stop", elem_id="cancel")
                         gr.Examples(example_prompts(settings.model), inputs=[prompt], label="Examples")
                     with gr.Column(scale=3):
                         gallery = gr.Gallery(label="Result", format="jpeg", columns=2, height=560,
@@ -224,9 +279,11 @@ def build(engine, queue, store, metrics, settings) -> gr.Blocks:
                 send = gr.Button("Send to Generate", interactive=False)
 
         last_seed = gr.State(None)
-        quality.change(on_quality, [quality, aspect], [aspect, note], queue=False)
-        aspect.change(lambda t, a: size_note(t, a), [quality, aspect], note, queue=False)
-        reuse.click(lambda s: (s if s is not None else -1, s is None), last_seed, [seed, random_seed], queue=False)
+        # UI-only events stay out of the Gradio API listing: programs see `generate` alone.
+        quality.change(on_quality, [quality, aspect], [aspect, note], queue=False, api_visibility="private")
+        aspect.change(lambda t, a: size_note(t, a), [quality, aspect], note, queue=False, api_visibility="private")
+        reuse.click(lambda s: (s if s is not None else -1, s is None), last_seed, [seed, random_seed], queue=False,
+                    api_visibility="private")
         run = go.click(generate, [prompt, quality, aspect, seed, random_seed, count], [gallery, info, details, last_seed, last],
                        api_name="generate", concurrency_limit=settings.queue_size + 1)
         # Open the result on its first image: the preview shows it whole, where the grid would cut a square
