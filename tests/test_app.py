@@ -303,3 +303,13 @@ def test_gradio_rest_route_answers_client_mistakes_with_4xx(app):
                                   {"Content-Type": "application/json"})
         assert status == 400, (status, payload)
         assert json.loads(payload)["title"] in ("Invalid request", "Error")  # ours, or Gradio's own input check
+
+
+def test_gradio_api_lists_generate_alone_with_an_integer_count(app):
+    """UI-only events (/on_quality, /lambda, ...) used to be listed, and `count` was a float."""
+    status, _, body = http("GET", app.url + "/gradio_api/info")
+    assert status == 200
+    info = json.loads(body)
+    assert set(info["named_endpoints"]) == {"/generate"}, list(info["named_endpoints"])
+    count = next(p for p in info["named_endpoints"]["/generate"]["parameters"] if p["label"] == "Images")
+    assert count["type"]["type"] == "integer"
