@@ -44,15 +44,20 @@ def app(tmp_path_factory, cache_dir):
         yield server
 
 
-def test_generate_in_the_browser(browser, app):
+def start_generation(browser, app, prompt: str, quality: str):
+    """A new page, ready, with `prompt` at `quality`, Generate clicked."""
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.goto(app.url, wait_until="load", timeout=60_000)
     page.get_by_text("ready").first.wait_for(timeout=60_000)
-
-    page.locator("#prompt textarea").fill("a red circle on a blue background")
+    page.locator("#prompt textarea").fill(prompt)
     page.locator("#quality input").click()
-    page.get_by_role("option", name="Draft").click()
+    page.get_by_role("option", name=quality).click()
     page.locator("#generate").click()
+    return page
+
+
+def test_generate_in_the_browser(browser, app):
+    page = start_generation(browser, app, "a red circle on a blue background", "Draft")
 
     image = page.locator("#result img").first
     image.wait_for(state="visible", timeout=180_000)
@@ -99,13 +104,7 @@ def test_png_read_back_tab_fills_the_form(browser, app, tmp_path):
 
 def test_cancel_in_the_browser_says_cancelled(browser, app):
     """Cancel stops the run, the page says so (no stale image or info line), and the log records it."""
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.goto(app.url, wait_until="load", timeout=60_000)
-    page.get_by_text("ready").first.wait_for(timeout=60_000)
-    page.locator("#prompt textarea").fill("a yellow star at the top on a purple background")
-    page.locator("#quality input").click()
-    page.get_by_role("option", name="Ultra").click()
-    page.locator("#generate").click()
+    page = start_generation(browser, app, "a yellow star at the top on a purple background", "Ultra")
     time.sleep(3)  # Ultra takes ~25 s on the CPU: cancel while it runs
     page.locator("#cancel").click()
     page.locator("#info").get_by_text("Cancelled.").wait_for(timeout=60_000)
