@@ -22,8 +22,9 @@ esac
 url="http://$host:${ZIMAGE_PORT:-7860}"
 
 if [ -n "${ZIMAGE_RUN_DIR:-}" ]; then
-  { printf '%s\n' "$url" > "$ZIMAGE_RUN_DIR/zimage.url.$$" && mv -f "$ZIMAGE_RUN_DIR/zimage.url.$$" "$ZIMAGE_RUN_DIR/zimage.url"; } ||
-    echo "serve.sh: warning: cannot write $ZIMAGE_RUN_DIR/zimage.url (scripts/oom-recover.sh will use its caller's ZIMAGE_PORT)"
+  file=$ZIMAGE_RUN_DIR/zimage.url
+  { printf '%s\n' "$url" > "$file.$$" && mv -f "$file.$$" "$file"; } ||
+    echo "serve.sh: warning: cannot write $file (scripts/oom-recover.sh will use its caller's ZIMAGE_PORT)"
 fi
 
 read -r -d '' watcher <<'EOF'
@@ -31,8 +32,9 @@ import datetime, os, sys, time, urllib.request, xmlrpc.client
 from supervisor.xmlrpc import Faults, SupervisorTransport
 
 pid, url = int(sys.argv[1]), sys.argv[2]
-name = "%s:%s" % (os.environ.get("SUPERVISOR_GROUP_NAME", "zimage"), os.environ.get("SUPERVISOR_PROCESS_NAME", "zimage"))
-rpc = xmlrpc.client.ServerProxy("http://127.0.0.1", SupervisorTransport(None, None, os.environ["SUPERVISOR_SERVER_URL"]))
+env = os.environ
+name = "%s:%s" % (env.get("SUPERVISOR_GROUP_NAME", "zimage"), env.get("SUPERVISOR_PROCESS_NAME", "zimage"))
+rpc = xmlrpc.client.ServerProxy("http://127.0.0.1", SupervisorTransport(None, None, env["SUPERVISOR_SERVER_URL"]))
 http = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through a proxy
 t0 = time.monotonic()
 

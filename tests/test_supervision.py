@@ -20,7 +20,6 @@ from pathlib import Path
 import PIL.Image
 import psutil
 import pytest
-
 from supervisor.xmlrpc import SupervisorTransport
 
 from tests.appserver import ROOT, free_port, http

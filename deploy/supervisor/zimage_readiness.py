@@ -28,7 +28,7 @@ class ReadinessInterface:
     def __init__(self, supervisord):
         self.supervisord = supervisord
 
-    def markReady(self, name, pid):  # noqa: N802 - XML-RPC method names are camelCase, like supervisord's own
+    def markReady(self, name, pid):  # camelCase, like supervisord's own XML-RPC methods
         """Move the process `name` (program or group:program) from STARTING to RUNNING, if its pid is `pid`.
 
         @param string name  process name, or group:name
