@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Follows the app's log (across rotation) and restarts the app through oom-recover.sh when it reads
+# Follows the app's log (ZIMAGE_APP_LOG, default <run folder>/zimage.log, across rotation) and restarts the app
+# through oom-recover.sh (same run folder, ZIMAGE_RUN_DIR, and conf, ZIMAGE_SUPERVISOR_CONF) when it reads
 #   - the engine's "fatal:" line (CUDA error, or too many OOMs: the process is not trustworthy any more),
 #   - a "CUDA error" line,
 #   - more than ZIMAGE_MONITOR_OOM_COUNT (5) "oom handled" lines within ZIMAGE_MONITOR_OOM_WINDOW (300) s.
@@ -8,7 +9,7 @@
 # ZIMAGE_MONITOR_GPU_WARN percent (90) for three checks in a row, where nvidia-smi exists.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-log=${ZIMAGE_APP_LOG:-$here/../run/zimage.log}
+log=${ZIMAGE_APP_LOG:-${ZIMAGE_RUN_DIR:-$here/../run}/zimage.log}
 oom_count=${ZIMAGE_MONITOR_OOM_COUNT:-5}
 oom_window=${ZIMAGE_MONITOR_OOM_WINDOW:-300}
 cooldown=${ZIMAGE_MONITOR_COOLDOWN:-120}
