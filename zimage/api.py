@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import json
 import logging
 import math
 import re
-import secrets
 import threading
 import time
 
@@ -23,7 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import images, presets
+from . import images, presets, security
 from .request import (EngineUnavailable, GenerationCancelled, GenerationRequest, OutOfMemory, RequestError)
 
 log = logging.getLogger("zimage.api")
@@ -122,23 +120,9 @@ def install(app: FastAPI, *, engine, store, metrics, settings, ui_waiting) -> No
     recent_seconds = [5.0]  # moving estimate of one request's time, for Retry-After
 
     def check_auth(request: Request) -> None:
-        if auth is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, value = header.partition(" ")
-        ok = False
-        if scheme.lower() == "bearer":
-            ok = secrets.compare_digest(value.strip(), auth[1])
-        elif scheme.lower() == "basic":
-            try:
-                user, _, password = base64.b64decode(value.strip()).decode().partition(":")
-                ok = secrets.compare_digest(user, auth[0]) and secrets.compare_digest(password, auth[1])
-            except (binascii.Error, UnicodeDecodeError):
-                ok = False
-        if not ok:
-            raise ApiError(401, "missing or wrong credentials: send HTTP Basic user:password, or 'Authorization: "
-                           "Bearer <password>'", type_="authentication_error",
-                           headers={"WWW-Authenticate": 'Basic realm="zimage"'})
+        failure = security.check_api_credentials(request, auth)  # bytes, constant time, throttled per address
+        if failure is not None:
+            raise ApiError(failure.status, failure.message, failure.type, code=failure.code, headers=failure.headers)
 
     @router.get("/healthz")
     def healthz():

@@ -11,7 +11,7 @@ from typing import Callable
 import gradio as gr
 from fastapi import FastAPI
 
-from . import api, ui
+from . import api, security, ui
 from .engine import Engine
 from .metrics import Metrics
 from .outputs import OutputStore
@@ -46,9 +46,12 @@ def create_service(settings: Settings, engine: Engine | None = None) -> Service:
     app = FastAPI(title="Z-Image-Turbo studio", version="1", docs_url="/docs", redoc_url=None)
     api.install(app, engine=engine, store=store, metrics=metrics, settings=settings, ui_waiting=ui_waiting)
     settings.outputs.mkdir(parents=True, exist_ok=True)
+    # The outputs folder is not an allowed path: the UI gets Gradio's cached copies of the images it shows, and
+    # the folder itself (history.jsonl: every prompt) is never served; security.py refuses it as well.
     app = gr.mount_gradio_app(app, demo, path="/", auth=settings.auth_pair(), ssr_mode=False,
-                              allowed_paths=[str(settings.outputs.resolve())], show_error=True,
+                              show_error=True, max_file_size=security.UPLOAD_FILE_LIMIT,
                               auth_message="Z-Image-Turbo studio")
+    security.install(app, settings)  # Host/Origin checks, body limits, login throttle: in front of everything
     return Service(app=app, engine=engine, store=store, metrics=metrics)
 
 
