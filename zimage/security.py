@@ -23,6 +23,7 @@ This module imports only the standard library, so the engine can use `clean_prom
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import collections
@@ -404,7 +405,7 @@ class SecurityMiddleware:
 
         if not self.guard.hosts.allows(host) and not (method in ("GET", "HEAD") and path in HOST_EXEMPT_PATHS):
             self.guard.note_bad_host(host)
-            await _reject(scope, receive, send, 400, f"Host {host!r} is not served here: this server answers only "
+            await _reject(scope, receive, send, 400, f"Host {(host or '')[:100]!r} is not served here: this server answers only "
                           "to the names in its --allowed-hosts / ZIMAGE_ALLOWED_HOSTS setting (and loopback)",
                           "invalid_host", drain=False)
             return
@@ -481,8 +482,8 @@ class SecurityMiddleware:
         async def refuse():
             if not state["refused"] and not state["started"]:
                 state["refused"] = True
-                await _send_error(send, scope, 413, f"request body is larger than the limit for {path} "
-                                  f"({limit} bytes)", "request_too_large")
+                await _answer(scope, receive, send, 413, f"request body is larger than the limit for {path} "
+                              f"({limit} bytes)", "request_too_large", drain=True)
 
         try:
             await self.app(scope, limited_receive, guarded_send)
@@ -517,28 +518,35 @@ async def _reject(scope, receive, send, status: int, message: str, code: str, *,
     if scope["type"] == "websocket":
         await send({"type": "websocket.close", "code": 1008, "reason": message[:120]})
         return
-    if drain:
-        await _drain(receive)
-    await _send_error(send, scope, status, message, code, headers)
+    await _answer(scope, receive, send, status, message, code, drain=drain, headers=headers)
 
 
-async def _drain(receive) -> None:
-    """Read and discard a (small enough) body before refusing it. A client that sends its whole body before
-    reading (urllib, browsers' fetch) and a server that closes with unread data means a TCP reset, and the client
-    sees 'connection reset' instead of our 413. Nothing is kept: memory does not grow."""
-    deadline = time.monotonic() + DRAIN_SECONDS
-    read = 0
-    while time.monotonic() < deadline and read <= DRAIN_LIMIT:
-        message = await receive()
-        if message["type"] != "http.request":
-            return
-        read += len(message.get("body", b""))
-        if not message.get("more_body", False):
-            return
+async def _answer(scope, receive, send, status: int, message: str, code: str, *, drain: bool,
+                  headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    """Send the whole error at once; with `drain`, keep the response open while reading and discarding what is
+    left of the body (up to DRAIN_LIMIT bytes, DRAIN_SECONDS), then end it. A client that sends its whole body
+    before reading (urllib, fetch) would otherwise meet a connection closed with unread data, a TCP reset, and see
+    'connection reset' instead of the 413. Nothing is kept: memory does not grow."""
+    await _send_error(send, scope, status, message, code, headers, more_body=drain)
+    if not drain:
+        return
+    deadline, read = time.monotonic() + DRAIN_SECONDS, 0
+    while read <= DRAIN_LIMIT:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        try:
+            message_in = await asyncio.wait_for(receive(), remaining)
+        except (asyncio.TimeoutError, _BodyTooLarge):
+            break
+        if message_in["type"] != "http.request" or not message_in.get("more_body", False):
+            break
+        read += len(message_in.get("body", b""))
+    await send({"type": "http.response.body", "body": b""})
 
 
 async def _send_error(send, scope, status: int, message: str, code: str,
-                      headers: list[tuple[bytes, bytes]] | None = None) -> None:
+                      headers: list[tuple[bytes, bytes]] | None = None, more_body: bool = False) -> None:
     """The JSON API's error shape under /v1/, plain text elsewhere (Gradio's routes, the UI, /metrics)."""
     if scope.get("path", "").startswith("/v1/"):
         type_ = {413: "invalid_request_error", 415: "invalid_request_error", 429: "authentication_error",
@@ -550,8 +558,8 @@ async def _send_error(send, scope, status: int, message: str, code: str,
         content_type = b"text/plain; charset=utf-8"
     await send({"type": "http.response.start", "status": status, "headers": [
         (b"content-type", content_type), (b"content-length", str(len(body)).encode()),
-        (b"cache-control", b"no-store"), *(headers or [])]})
-    await send({"type": "http.response.body", "body": body})
+        (b"cache-control", b"no-store"), (b"x-content-type-options", b"nosniff"), *(headers or [])]})
+    await send({"type": "http.response.body", "body": body, "more_body": more_body})
 
 
 def install(app, settings: "Settings") -> Guard:
