@@ -585,3 +585,59 @@ def test_auth_must_be_text():
     with pytest.raises(SettingsError, match="UTF-8"):
         Settings.load([], env={"ZIMAGE_AUTH": "ann:p\udcffss"})  # what an undecodable env byte turns into
     assert Settings.load([], env={"ZIMAGE_AUTH": f"{USER}:{PASSWORD}"}).auth_pair() == (USER, PASSWORD)
+
+
+# ---- in a real browser: Unicode login, History tab images ------------------------------------------------------
+@pytest.mark.browser
+def test_unicode_login_and_history_in_a_browser(auth_app):
+    from tests.test_browser import CHROMIUM
+
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("ZIMAGE_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"chromium not found at {CHROMIUM}")
+        pytest.skip("chromium is not installed")
+    from playwright.sync_api import sync_playwright
+
+    generate(auth_app, "a yellow star for the history tab", basic(USER, PASSWORD))
+    wait_for_index(auth_app)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(auth_app.url, wait_until="load", timeout=60_000)
+            page.get_by_label("username").fill(USER)
+            page.get_by_label("password").fill("pässwörd")  # wrong: refused, the page stays on the form
+            page.get_by_role("button", name="Login").click()
+            page.get_by_text("Incorrect", exact=False).first.wait_for(timeout=30_000)
+            page.get_by_label("username").fill(USER)  # the form clears itself after a failure
+            page.get_by_label("password").fill(PASSWORD)
+            page.get_by_role("button", name="Login").click()
+            page.get_by_text("ready").first.wait_for(timeout=60_000)
+            page.get_by_role("tab", name="History").click()
+            image = page.locator("img[src*='/gradio_api/file=']").first
+            image.wait_for(state="visible", timeout=60_000)
+            page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=image.element_handle(),
+                                   timeout=30_000)
+            assert str(auth_app.outputs) not in urllib.parse.unquote(image.get_attribute("src"))
+        finally:
+            browser.close()
+
+
+def test_expect_100_continue_gets_413_without_sending_the_body(app):
+    """curl sends 'Expect: 100-continue' for bodies over 1 MiB: the 413 comes instead of the 100, and no body."""
+    with socket.create_connection(("127.0.0.1", app.port), timeout=10) as sock:
+        sock.sendall(f"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1:{app.port}\r\nContent-Type: "
+                     f"application/json\r\nContent-Length: {2 << 20}\r\nExpect: 100-continue\r\n\r\n".encode())
+        t0 = time.monotonic()
+        answer = sock.recv(65536)
+        elapsed = time.monotonic() - t0
+        sock.settimeout(1.5)
+        try:
+            while piece := sock.recv(65536):
+                answer += piece
+        except OSError:
+            pass
+    assert answer.startswith(b"HTTP/1.1 413") and elapsed < 2, answer[:100]
+    assert b"100 Continue" not in answer  # the body was not asked for

@@ -527,6 +527,8 @@ async def _answer(scope, receive, send, status: int, message: str, code: str, *,
     left of the body (up to DRAIN_LIMIT bytes, DRAIN_SECONDS), then end it. A client that sends its whole body
     before reading (urllib, fetch) would otherwise meet a connection closed with unread data, a TCP reset, and see
     'connection reset' instead of the 413. Nothing is kept: memory does not grow."""
+    if drain and any(k == b"expect" and v.lower() == b"100-continue" for k, v in scope.get("headers", ())):
+        drain = False  # the client waits for "100 Continue" before sending the body: nothing is in flight
     await _send_error(send, scope, status, message, code, headers, more_body=drain)
     if not drain:
         return
