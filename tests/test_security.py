@@ -182,9 +182,9 @@ def test_no_cors_headers_for_foreign_origins(app, host):
     """Gradio reflects any Origin with Allow-Credentials when Host is not one of its localhost aliases ([::1] or a
     real name); nothing here is meant to be read cross-origin, so every CORS header is removed."""
     headers = {"Host": host.format(port=app.port), "Origin": "https://evil.example"}
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
     for method, path, extra in (("GET", "/config", {}), ("GET", "/gradio_api/info", {}),
-                                ("OPTIONS", "/gradio_api/queue/join", {"Access-Control-Request-Method": "POST",
-                                                                       "Access-Control-Request-Headers": "content-type"})):
+                                ("OPTIONS", "/gradio_api/queue/join", preflight)):
         status, answer_headers, _ = http(method, app.url + path, headers={**headers, **extra})
         assert status < 500
         assert not [k for k in answer_headers if k.startswith("access-control-")], (path, answer_headers)
@@ -200,10 +200,10 @@ def test_no_cors_headers_behind_a_real_name(auth_app):
 def test_cross_site_posts_are_refused(app, origin):
     origin = origin.format(port=app.port)  # localhost:port is another origin than 127.0.0.1:port (Host below)
     body = json.dumps({"prompt": "csrf", **SMALL}).encode()
-    for path, content_type in (("/v1/images/generations", "application/json"), ("/gradio_api/queue/join",
-                                                                               "application/json"),
-                               ("/gradio_api/upload", "multipart/form-data; boundary=x"), ("/login",
-                                                                                          "application/x-www-form-urlencoded")):
+    for path, content_type in (("/v1/images/generations", "application/json"),
+                               ("/gradio_api/queue/join", "application/json"),
+                               ("/gradio_api/upload", "multipart/form-data; boundary=x"),
+                               ("/login", "application/x-www-form-urlencoded")):
         status, _, answer = http("POST", app.url + path, body, {"Content-Type": content_type, "Origin": origin})
         assert status == 403 and b"cross-origin" in answer, (path, status, answer[:200])
 
@@ -231,8 +231,11 @@ def test_json_api_refuses_other_content_types(app, content_type):
     error = json.loads(payload)["error"]
     assert set(error) == {"message", "type", "param", "code"} and "application/json" in error["message"]
     after = http("GET", app.url + "/metrics")[2]
-    ok = [line for line in after.decode().splitlines() if line.startswith('zimage_requests_total{route="openai"')]
-    assert ok == [line for line in before.decode().splitlines() if line.startswith('zimage_requests_total{route="openai"')]
+
+    def openai_counts(text: bytes) -> list[str]:
+        return [line for line in text.decode().splitlines() if line.startswith('zimage_requests_total{route="openai"')]
+
+    assert openai_counts(after) == openai_counts(before)  # refused before the route: nothing counted, nothing run
 
 
 def test_json_api_accepts_json_with_charset(app):
@@ -387,7 +390,7 @@ def test_c1_and_format_controls_are_removed_with_a_warning(app):
     ("line one\nline two\twith a tab", "line one\nline two\twith a tab", False),
     ("windows\r\nline", "windows\nline", False),
     ("old mac\rline", "old macline", True),
-    ("family 👨\u200d👩\u200d👧 and مي\u200cخواهم", "family 👨\u200d👩\u200d👧 and مي\u200cخواهم", False),
+    *[(text, text, False) for text in ["family 👨\u200d👩\u200d👧 and مي\u200cخواهم"]],  # ZWJ, ZWNJ kept
     ("tag\U000e0041\U000e0042 smuggling", "tag smuggling", True),
     ("soft\xadhyphen", "softhyphen", True),
     ("\x1b[31mred\x1b[0m", "[31mred[0m", True),

@@ -16,7 +16,10 @@ credential checks the routes share.
 5. throttles repeated failed logins per client address: Gradio's POST /login here, the JSON API and /metrics through
    `check_api_credentials`, all in one `LoginThrottle`;
 6. refuses Gradio file URLs that point into the outputs folder (the UI is served Gradio's own copies of the images;
-   the folder itself, history.jsonl included, is never served), whatever Gradio's allowed paths say.
+   the folder itself, history.jsonl included, is never served), whatever Gradio's allowed paths say. The outputs
+   folder is not in `allowed_paths` either (server.py): Gradio 6 copies files that event handlers return (History
+   gallery, PNG downloads) into its cache without consulting allowed paths for a mounted app (`has_launched` is
+   never set), and serves those copies; tests/test_security.py checks the History images still load.
 
 This module imports only the standard library, so the engine can use `clean_prompt` without web dependencies.
 """
@@ -142,7 +145,8 @@ class HostList:
             parsed = split_host(entry) if entry != "*" else None
             if parsed is not None:
                 self.entries.add(parsed)
-        self.names = sorted({"[" + n + "]" if ":" in n else n for n, _ in self.entries} | ({"*"} if self.any else set()))
+        names = {"[" + n + "]" if ":" in n else n for n, _ in self.entries}
+        self.names = sorted(names | ({"*"} if self.any else set()))
 
     @classmethod
     def for_settings(cls, settings: "Settings") -> "HostList":
@@ -268,8 +272,8 @@ class AuthFailure:
 
 
 def client_address(scope: dict) -> str:
-    """The peer address; uvicorn replaces it with X-Forwarded-For's from a trusted proxy (--forwarded-allow-ips,
-    default 127.0.0.1), so behind a local reverse proxy each real client is throttled on its own."""
+    """The peer address; uvicorn replaces it with X-Forwarded-For's when the peer is a proxy it trusts (environment
+    FORWARDED_ALLOW_IPS, default 127.0.0.1,::1), so behind a local reverse proxy each client is throttled alone."""
     client = scope.get("client")
     return str(client[0]) if client else "unknown"
 
@@ -402,18 +406,19 @@ class SecurityMiddleware:
         path = scope.get("path", "")
         method = scope.get("method", "GET") if kind == "http" else "WEBSOCKET"
         host = headers.get("host")
+        small = declared_small(headers.get("content-length"))  # refusals read (and drop) small bodies first
 
         if not self.guard.hosts.allows(host) and not (method in ("GET", "HEAD") and path in HOST_EXEMPT_PATHS):
             self.guard.note_bad_host(host)
-            await _reject(scope, receive, send, 400, f"Host {(host or '')[:100]!r} is not served here: this server answers only "
-                          "to the names in its --allowed-hosts / ZIMAGE_ALLOWED_HOSTS setting (and loopback)",
-                          "invalid_host", drain=False)
+            await _reject(scope, receive, send, 400, f"Host {(host or '')[:100]!r} is not served here: this server "
+                          "answers only to the names in its --allowed-hosts / ZIMAGE_ALLOWED_HOSTS setting (and "
+                          "loopback)", "invalid_host", drain=small)
             return
         origin = headers.get("origin")
         if origin is not None and method not in SAFE_METHODS and not same_origin(
                 origin, host, headers.get("x-forwarded-host")):
             await _reject(scope, receive, send, 403, f"cross-origin {method} refused: Origin {origin[:100]!r} is "
-                          "not this site", "cross_origin", drain=False)
+                          "not this site", "cross_origin", drain=small)
             return
         if kind == "websocket":
             await self.app(scope, receive, send)
@@ -435,8 +440,7 @@ class SecurityMiddleware:
             if media_type != "application/json":
                 await _reject(scope, receive, send, 415, f"Content-Type must be application/json (got "
                               f"{(headers.get('content-type') or 'none')[:100]!r}); send the body as JSON with "
-                              "'Content-Type: application/json'", "unsupported_media_type",
-                              drain=declared_small(length))
+                              "'Content-Type: application/json'", "unsupported_media_type", drain=small)
                 return
         if method in ("GET", "HEAD") and path.startswith(GRADIO_FILE_PREFIXES):
             file_path = path.split("=", 1)[1] if path.startswith(GRADIO_FILE_PREFIXES[0]) else path[len(
@@ -451,7 +455,7 @@ class SecurityMiddleware:
             wait = self.guard.throttle.retry_after(address)
             if wait is not None:
                 await _reject(scope, receive, send, 429, f"too many failed logins from {address}; try again in "
-                              f"{wait} s", "login_throttled", drain=declared_small(length),
+                              f"{wait} s", "login_throttled", drain=small,
                               headers=[(b"retry-after", str(wait).encode())])
                 return
 
