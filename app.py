@@ -17,6 +17,7 @@ from zimage import memory
 
 memory.configure_allocator()  # before anything can initialise CUDA
 
+from zimage.security import check_exposure  # noqa: E402
 from zimage.settings import Settings, SettingsError  # noqa: E402
 
 log = logging.getLogger("zimage.app")
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()  # before anything imports diffusers (--attention validation does)
     try:
         settings = Settings.load(argv)
+        check_exposure(settings)  # a non-loopback --host needs --auth, or --allow-public-no-auth on purpose
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

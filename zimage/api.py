@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import json
 import logging
 import re
-import secrets
 import time
 from pathlib import Path
 
@@ -23,14 +21,13 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import images, request as requests
+from . import images, request as requests, security
 from .outcomes import Outcome, QueueFull, outcome_of
 from .presets import MAX_SIDE, MAX_STEPS, MIN_SIDE, MIN_STEPS, SIZE_MULTIPLE, TIERS
 from .request import MAX_IMAGES, MAX_PROMPT_CHARS, SEED_MAX, EngineError, GenerationRequest, RequestError
 
 log = logging.getLogger("zimage.api")
 
-MAX_BODY_BYTES = 1 << 20  # 1 MiB: a prompt is capped at 16 Ki characters anyway
 # OpenAI's quality names, mapped to our tiers ("auto" and "standard" are the default tier).
 QUALITY_ALIASES = {"low": "Draft", "medium": "Standard", "standard": "Standard", "auto": "Standard",
                    "high": "High", "hd": "High"}
@@ -118,23 +115,9 @@ def install(app: FastAPI, *, engine, queue, store, metrics, settings) -> None:
     auth = settings.auth_pair()
 
     def check_auth(request: Request) -> None:
-        if auth is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, value = header.partition(" ")
-        ok = False
-        if scheme.lower() == "bearer":
-            ok = secrets.compare_digest(value.strip(), auth[1])
-        elif scheme.lower() == "basic":
-            try:
-                user, _, password = base64.b64decode(value.strip()).decode().partition(":")
-                ok = secrets.compare_digest(user, auth[0]) and secrets.compare_digest(password, auth[1])
-            except (binascii.Error, UnicodeDecodeError):
-                ok = False
-        if not ok:
-            raise ApiError(401, "missing or wrong credentials: send HTTP Basic user:password, or 'Authorization: "
-                           "Bearer <password>'", type_="authentication_error",
-                           headers={"WWW-Authenticate": 'Basic realm="zimage"'})
+        failure = security.check_api_credentials(request, auth)  # bytes, constant time, throttled per address
+        if failure is not None:
+            raise ApiError(failure.status, failure.message, failure.type, code=failure.code, headers=failure.headers)
 
     @router.get("/healthz")
     def healthz():
@@ -188,9 +171,7 @@ def install(app: FastAPI, *, engine, queue, store, metrics, settings) -> None:
             return outcome_response(outcome)
 
         try:
-            raw = await request.body()
-            if len(raw) > MAX_BODY_BYTES:
-                raise ApiError(413, f"request body is {len(raw)} bytes; the limit is {MAX_BODY_BYTES}")
+            raw = await request.body()  # its size was limited while it was read (security.py)
             try:
                 body = json.loads(raw)
             except (ValueError, UnicodeDecodeError) as exc:

@@ -11,12 +11,11 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-from . import presets
+from . import presets, security
 
 MAX_IMAGES = 4
 SEED_MAX = 2**32 - 1
 MAX_PROMPT_CHARS = 16_384  # far past the text encoder's 512 tokens; longer is refused, not tokenized
-_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 class EngineError(Exception):
@@ -126,9 +125,12 @@ def resolve(request: GenerationRequest) -> Job:
         raise RequestError(
             f"prompt is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS} "
             "(the text encoder reads only the first 512 tokens anyway)", "prompt")
-    cleaned = _CONTROL_CHARS.sub("", prompt)
-    if cleaned != prompt:
-        warnings.append("control characters (such as NUL) were removed from the prompt")
+    try:
+        cleaned, removed = security.clean_prompt(prompt)  # before any tokenizer sees it
+    except security.UnsafeText as exc:
+        raise RequestError(str(exc), "prompt") from None
+    if removed:
+        warnings.append(removed)
     prompt = cleaned.strip()
     if not prompt:
         raise RequestError("prompt is empty: describe the image you want", "prompt")

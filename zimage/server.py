@@ -11,7 +11,7 @@ from typing import Callable
 import gradio as gr
 from fastapi import FastAPI
 
-from . import api, ui
+from . import api, security, ui
 from .engine import Engine
 from .gpu_queue import GenerationQueue
 from .metrics import Metrics
@@ -44,10 +44,13 @@ def create_service(settings: Settings, engine: Engine | None = None) -> Service:
     app = FastAPI(title="Z-Image-Turbo studio", version="1", docs_url=None, redoc_url=None)  # /docs: api.py
     api.install(app, engine=engine, queue=queue, store=store, metrics=metrics, settings=settings)
     settings.outputs.mkdir(parents=True, exist_ok=True)
+    # The outputs folder is not an allowed path: the UI gets Gradio's cached copies of the images it shows, and
+    # the folder itself (history.jsonl: every prompt) is never served; security.py refuses it as well.
     app = gr.mount_gradio_app(app, demo, path="/", auth=settings.auth_pair(), ssr_mode=False,
-                              allowed_paths=[str(settings.outputs.resolve())], show_error=True,
+                              show_error=True, max_file_size=security.UPLOAD_FILE_LIMIT,
                               auth_message="Z-Image-Turbo studio")
     app.add_middleware(ui.GradioErrorStatus)
+    security.install(app, settings)  # Host/Origin checks, body limits, login throttle: in front of everything
     return Service(app=app, engine=engine, queue=queue, store=store, metrics=metrics)
 
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from .security import parse_allowed_hosts
+
 DEFAULT_MODEL = "Tongyi-MAI/Z-Image-Turbo"
 ON_OFF_AUTO = ("auto", "on", "off")
 MEMORY_PROFILES = ("auto", "full", "16gb", "12gb")
@@ -98,7 +100,20 @@ def _auth(raw: str) -> str:
     value = raw.strip()
     if value and (":" not in value or not value.split(":", 1)[0] or not value.split(":", 1)[1]):
         raise ValueError("expected user:password (both non-empty), or empty for no auth")
+    try:
+        value.encode("utf-8")  # any Unicode, but text: undecodable bytes in the environment become surrogates
+    except UnicodeEncodeError:
+        raise ValueError("user:password must be valid UTF-8 text") from None
     return value
+
+
+def _flag(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "on", "true", "yes"):
+        return True
+    if value in ("", "0", "off", "false", "no"):
+        return False
+    raise ValueError("allowed values: on, off (or 1/0, true/false, yes/no; the bare flag means on)")
 
 
 def _text(raw: str) -> str:
@@ -117,6 +132,7 @@ class Option:
     name: str  # a field of Settings, which holds the default
     parse: Callable[[str], Any]
     help: str
+    const: str | None = None  # value of the bare flag (no argument), for on/off options
 
     @property
     def flag(self) -> str:
@@ -154,6 +170,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("port", _int_range(1, 65535), "port to bind"),
     Option("queue_size", _int_range(1, 10_000), "requests allowed to wait for the GPU; more get 'busy' / HTTP 429"),
     Option("auth", _auth, "user:password protecting the UI and the JSON API (empty: no auth)"),
+    Option("allowed_hosts", parse_allowed_hosts,
+           "extra Host names to answer to, comma-separated (name, name:port, IP); loopback names and a specific "
+           "--host are always allowed; '*' disables the check (DNS rebinding becomes possible)"),
+    Option("allow_public_no_auth", _flag,
+           "serve a non-loopback --host without --auth, on purpose (refused otherwise)", const="on"),
     Option("cache_dir", _path, "where the tiny model and compile caches live (default ~/.cache/zimage)"),
     Option("warmup", _choice(ON_OFF_AUTO), "generate once per served shape before reporting ready"),
     Option("embed_cache", _int_range(0, 4096), "prompt embeddings kept for repeated prompts (0 disables)"),
@@ -178,6 +199,8 @@ class Settings:
     port: int = 7860
     queue_size: int = 32
     auth: str = ""
+    allowed_hosts: tuple[str, ...] = ()
+    allow_public_no_auth: bool = False
     cache_dir: Path | None = None
     warmup: str = "auto"
     embed_cache: int = 64
@@ -251,9 +274,12 @@ def add_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """CLI flags for every option; defaults are None so that 'not given' falls through to env."""
     group = parser.add_argument_group("service settings (each also read from ZIMAGE_<NAME>; flags win)")
     for opt in OPTIONS:
-        default = "~/.cache/zimage" if opt.name == "cache_dir" else opt.default
+        default = {"cache_dir": "~/.cache/zimage", "allowed_hosts": "(none)"}.get(opt.name, opt.default)
+        if isinstance(default, bool):
+            default = "on" if default else "off"
         group.add_argument(opt.flag, dest=opt.name, default=None, metavar=opt.name.upper(),
-                           help=f"{opt.help} [env {opt.env}; default {default}]")
+                           help=f"{opt.help} [env {opt.env}; default {default}]",
+                           **({"nargs": "?", "const": opt.const} if opt.const is not None else {}))
     return parser
 
 
