@@ -25,7 +25,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.appserver import ROOT, AppProcess, free_port, http
+from zimage.appprocess import ROOT, AppProcess, free_port, http
 from zimage import security
 from zimage.request import GenerationRequest, RequestError, resolve
 from zimage.settings import Settings, SettingsError
