@@ -191,3 +191,49 @@ def test_a_huge_header_is_refused_without_decoding(monkeypatch):
 def test_text_to_image_jobs_are_unchanged():
     job = requests.resolve(GenerationRequest(PROMPT, seed=1))
     assert (job.task, job.strength, job.init_image, job.denoise_steps) == ("text-to-image", None, None, job.steps)
+
+
+def test_the_ui_editors_strokes_are_the_mask():
+    from zimage.ui import editor_inputs, editor_value
+
+    background = PIL.Image.new("RGBA", (256, 256), BLUE + (255,))
+    stroke = PIL.Image.new("RGBA", (256, 256), (0, 0, 0, 0))
+    PIL.ImageDraw.Draw(stroke).ellipse((64, 64, 192, 192), fill=(255, 255, 255, 255))
+    image, mask = editor_inputs({"background": background, "layers": [stroke], "composite": background})
+    assert image is background and np.array_equal(np.asarray(mask) > 0, np.asarray(hole()) > 0)
+    blank = PIL.Image.new("RGBA", (256, 256), (0, 0, 0, 0))
+    assert editor_inputs({"background": background, "layers": [blank], "composite": background}) == (background, None)
+    assert editor_inputs(editor_value(background)) == (background, None)
+    assert editor_inputs(None) == (None, None)
+    job = requests.resolve(GenerationRequest(PROMPT, aspect=None, image=background.convert("RGB"), mask=mask))
+    assert job.task == "inpaint" and len(job.input_sha256) == 64
+
+
+def test_the_edit_tab_event_inpaints_and_sends_results_to_edit(engine, tmp_path):
+    """The UI's own event functions, in process: Edit runs through the service's queue; Send to Edit fills the
+    editor with a result."""
+    import asyncio
+
+    from zimage import ui
+    from zimage.gpu_queue import GenerationQueue
+    from zimage.metrics import Metrics
+    from zimage.outputs import OutputStore
+
+    settings = Settings(model="tiny", device="cpu", outputs=tmp_path / "outputs")
+    store, queue = OutputStore(settings.outputs, "tiny"), GenerationQueue(engine, settings.queue_size)
+    metrics = Metrics(engine, queue_depth=lambda: 0, max_waiting=lambda: 0, store=store)
+    demo = ui.build(engine, queue, store, metrics, settings)
+    fns = {getattr(f.fn, "__name__", ""): f.fn for f in demo.fns.values()}
+    stroke = PIL.Image.new("RGBA", (256, 256), (0, 0, 0, 0))
+    PIL.ImageDraw.Draw(stroke).ellipse((64, 64, 192, 192), fill=(255, 255, 255, 255))
+    source = blue_picture()
+    value = {"background": source.convert("RGBA"), "layers": [stroke], "composite": source}
+    gallery, info, details, seed, pending = asyncio.run(fns["edit"](
+        value, PROMPT, 1.0, "Draft", 4, False, None, progress=lambda *a, **k: None))
+    assert seed == 4 and "seed 4" in info and pending[0].task == "inpaint"
+    assert diff(gallery[0], source)[np.asarray(hole()) == 0].max() == 0
+    assert [f.result(timeout=60).suffix for f in pending[1]] == [".png"]
+    sent, prompt, _ = fns["send_result_to_edit"](pending, "")
+    assert sent["background"] is gallery[0] and prompt == PROMPT
+    store.close()
+    queue.close()

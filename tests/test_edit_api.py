@@ -147,3 +147,18 @@ def test_oversized_and_non_multipart_bodies_are_refused(app):
     # The service is unaffected: a good edit still works.
     status, body = post_edit(app, {"prompt": "a red circle", "steps": "1"}, {"image": ("b.png", blue_png(), "image/png")})
     assert status == 200, body
+
+
+def test_the_ui_has_an_edit_tab_and_the_gradio_api_still_lists_generate_alone(app):
+    status, _, body = http("GET", app.url + "/config")
+    assert status == 200
+    config = json.loads(body)
+    props = [c.get("props", {}) for c in config["components"]]
+    assert "Edit" in {p.get("label") for p in props}
+    assert {"Send to Edit", "Send selected to Edit"} <= {p.get("value") for p in props if isinstance(p.get("value"), str)}
+    types = {c.get("type") for c in config["components"]}
+    assert "imageeditor" in types
+    from gradio_client import Client
+
+    info = Client(app.url, verbose=False).view_api(return_format="dict", print_info=False)
+    assert set(info["named_endpoints"]) == {"/generate"}
