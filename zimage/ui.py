@@ -54,6 +54,8 @@ def info_line(result) -> str:
              f"{result.width}×{result.height}", f"{result.steps} steps", result.preset,
              f"encode {t['text_encode']:.2f} s · denoise {t['denoise']:.2f} s · decode {t['decode']:.2f} s · "
              f"total {t['total']:.2f} s"]
+    if getattr(result, "task", "text-to-image") != "text-to-image":
+        parts.insert(1, f"{result.task} · strength {result.strength:g}")
     if result.peak_vram_bytes is not None:
         parts.append(f"peak VRAM {result.peak_vram_bytes / GIB:.1f} GiB")
     line = " · ".join(parts)
