@@ -237,3 +237,13 @@ def test_the_edit_tab_event_inpaints_and_sends_results_to_edit(engine, tmp_path)
     assert sent["background"] is gallery[0] and prompt == PROMPT
     store.close()
     queue.close()
+
+
+def test_text_to_image_is_unchanged_by_edits_between(engine):
+    """The task pipelines share one scheduler: an edit (which sets a begin index) must not leak into the next
+    text-to-image run."""
+    request = GenerationRequest(PROMPT, width=256, height=256, steps=4, seed=11)
+    before = generate(engine, request).images[0]
+    edit(engine, image=png(blue_picture()), strength=0.5)
+    edit(engine, image=png(blue_picture()), mask=png(hole()))
+    assert diff(generate(engine, request).images[0], before).max() == 0
