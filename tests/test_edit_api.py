@@ -162,3 +162,15 @@ def test_the_ui_has_an_edit_tab_and_the_gradio_api_still_lists_generate_alone(ap
 
     info = Client(app.url, verbose=False).view_api(return_format="dict", print_info=False)
     assert set(info["named_endpoints"]) == {"/generate"}
+
+
+@pytest.mark.parametrize("field, value", [
+    ("strength", "nan"), ("strength", "inf"), ("strength", "1e400"), ("strength", "-0.1"), ("n", "0"),
+    ("n", "five"), ("seed", "abc"), ("seed", "4294967296"), ("steps", "0"), ("steps", "1.5"), ("quality", "Extreme"),
+    ("output_format", "gif"), ("size", "256x"), ("aspect", "5:4"), ("prompt", "\x00"), ("prompt", "x" * 20000),
+])
+def test_hostile_edit_fields_are_4xx_never_5xx(app, field, value):
+    fields = {"prompt": "a red circle", "steps": "1", field: value}
+    status, body = post_edit(app, fields, {"image": ("b.png", blue_png(), "image/png")})
+    assert status == 400, body
+    assert body["error"]["message"] and body["error"]["param"] == field
