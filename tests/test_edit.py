@@ -37,7 +37,7 @@ RED_CIRCLE = Scene("blue", (Shape("circle", "red"),))
 
 @pytest.fixture(scope="module")
 def engine() -> Engine:
-    engine = Engine.create(Settings(model="tiny", device="cpu"))
+    engine = Engine.create(Settings(model="tiny", device="cpu", oom_fatal_count=100))  # OOMs are injected below
     engine.mark_ready()
     return engine
 
@@ -247,3 +247,21 @@ def test_text_to_image_is_unchanged_by_edits_between(engine):
     edit(engine, image=png(blue_picture()), strength=0.5)
     edit(engine, image=png(blue_picture()), mask=png(hole()))
     assert diff(generate(engine, request).images[0], before).max() == 0
+
+
+@pytest.mark.parametrize("module", ["transformer", "vae.encoder"])
+def test_an_oom_in_an_edit_takes_the_same_ladder(engine, caplog, module):
+    """The input's VAE encode and the denoising both run in the denoise stage: an OOM in either is retried once
+    (text encoder shed), and the retry makes the same picture."""
+    import logging
+
+    from tests.faults import raise_in_forward
+
+    target = engine.pipeline
+    for part in module.split("."):
+        target = getattr(target, part)
+    fields = dict(image=png(blue_picture()), mask=png(hole()), seed=2)
+    with caplog.at_level(logging.WARNING, "zimage.engine"), raise_in_forward(target, times=1) as fault:
+        result = edit(engine, **fields)
+    assert fault["raised"] == 1 and result.oom_retries == 1 and "oom handled stage=denoise" in caplog.text
+    assert diff(result.images[0], edit(engine, **fields).images[0]).max() == 0
