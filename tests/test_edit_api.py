@@ -174,3 +174,10 @@ def test_hostile_edit_fields_are_4xx_never_5xx(app, field, value):
     status, body = post_edit(app, fields, {"image": ("b.png", blue_png(), "image/png")})
     assert status == 400, body
     assert body["error"]["message"] and body["error"]["param"] == field
+
+
+def test_the_edit_route_is_documented_in_openapi(app):
+    status, _, body = http("GET", app.url + "/openapi.json")
+    assert status == 200
+    form = json.loads(body)["paths"]["/v1/images/edits"]["post"]["requestBody"]["content"]["multipart/form-data"]
+    assert {"image", "mask", "prompt", "strength"} <= set(form["schema"]["properties"])
