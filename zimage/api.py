@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import logging
 import re
@@ -226,6 +227,8 @@ def install(app: FastAPI, *, engine, queue, store, metrics, settings) -> None:
                 "zimage": {"seeds": result.seeds, "steps": result.steps, "timings": result.timings,
                            "peak_vram_bytes": result.peak_vram_bytes, "warnings": warnings}}
 
+    install_edits(router, engine=engine, queue=queue, store=store, metrics=metrics, settings=settings,
+                  check_auth=check_auth)
     app.include_router(router)
 
     @app.exception_handler(ApiError)
@@ -252,3 +255,159 @@ def _encode_all(result, output_format: str, model: str) -> tuple[list[dict], lis
     data = [{"b64_json": base64.b64encode(blob).decode(), "seed": seed, "revised_prompt": result.prompt}
             for blob, seed in zip(encoded, result.seeds)]
     return data, encoded
+
+
+# ---- POST /v1/images/edits: image-to-image and inpainting, OpenAI's multipart shape ------------------------------
+# Two input files (image, mask) at their limit plus the text fields; anything past this is refused while reading.
+MAX_EDIT_BODY_BYTES = security.BODY_LIMITS["/v1/images/edits"]
+EDIT_FIELDS = ("prompt", "n", "size", "quality", "aspect", "response_format", "output_format", "seed", "steps",
+               "strength")
+
+
+class ImagesEditForm(BaseModel):
+    """Documents the multipart form in /openapi.json; parsing is done by hand for clearer messages."""
+
+    image: bytes = Field(..., description="The picture to edit: PNG, JPEG or WebP, at most "
+                                          f"{requests.MAX_INPUT_BYTES >> 20} MiB and "
+                                          f"{requests.MAX_INPUT_PIXELS // 1_000_000} MP", json_schema_extra={
+                                              "format": "binary"})
+    mask: bytes | None = Field(None, description="Optional, the image's size: its transparent pixels are the area to "
+                                                 "repaint (OpenAI's convention); a mask without transparency repaints "
+                                                 "its white pixels. With a mask the task is inpainting, without it "
+                                                 "image-to-image", json_schema_extra={"format": "binary"})
+    prompt: str = Field(..., description="What the result should show")
+    n: int = Field(1, ge=1, le=MAX_IMAGES)
+    size: str | None = Field(None, description="'WxH' (multiples of 16), or 'auto'/unset for the input's size snapped "
+                                               "to multiples of 16 keeping its aspect ratio")
+    quality: str | None = Field("Standard", description="Sets the steps; with `aspect`, also the size")
+    strength: float | None = Field(None, ge=0, le=1, description="Extension: 0 keeps the input, 1 repaints fully "
+                                                                 "(default 0.6; 1.0 with a mask)")
+    response_format: str = Field("b64_json")
+    output_format: str = Field("png")
+    seed: int | None = Field(None)
+    steps: int | None = Field(None, ge=MIN_STEPS, le=MAX_STEPS)
+
+
+async def read_bounded(request: Request, limit: int) -> bytes:
+    """The request body, refused (413) as soon as it passes `limit` bytes: a declared Content-Length first, then
+    the bytes as they arrive (chunked uploads declare none)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"request body is {declared} bytes; the limit is {limit} "
+                            f"(images up to {requests.MAX_INPUT_BYTES >> 20} MiB each)")
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > limit:
+            raise ApiError(413, f"request body is over the limit of {limit} bytes "
+                                f"(images up to {requests.MAX_INPUT_BYTES >> 20} MiB each)")
+    return bytes(raw)
+
+
+async def parse_edit_form(request: Request) -> tuple[GenerationRequest, str, dict]:
+    """multipart/form-data -> (engine request, output format, the text fields as sent). Raises ApiError (4xx)."""
+    from starlette.datastructures import UploadFile
+
+    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        raise ApiError(415, "send multipart/form-data with an 'image' file and a 'prompt' field "
+                            "(as OpenAI's /v1/images/edits takes them)")
+    raw = await read_bounded(request, MAX_EDIT_BODY_BYTES)
+
+    async def replay():
+        return {"type": "http.request", "body": raw, "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form(max_files=4, max_fields=64)
+    except Exception as exc:  # malformed multipart: python-multipart's and Starlette's errors alike
+        raise ApiError(400, f"the multipart body could not be read ({str(exc)[:200]})") from None
+
+    async def file_bytes(name: str):
+        items = form.getlist(name) + form.getlist(f"{name}[]")
+        if not items:
+            return None
+        if len(items) > 1:
+            raise ApiError(400, f"send one '{name}'; got {len(items)}", param=name)
+        item = items[0]
+        if not isinstance(item, UploadFile):
+            raise ApiError(400, f"'{name}' must be a file (PNG, JPEG or WebP), not a text field", param=name)
+        return await item.read()
+
+    fields = {}
+    for key in EDIT_FIELDS:
+        value = form.get(key)
+        if value is not None and not isinstance(value, str):
+            raise ApiError(400, f"'{key}' must be a text field, not a file", param=key)
+        if value is not None and value != "":
+            fields[key] = value
+    image, mask = await file_bytes("image"), await file_bytes("mask")
+    if image is None:
+        raise ApiError(400, "'image' is required: the picture to edit (PNG, JPEG or WebP)", param="image")
+    if "prompt" not in fields:
+        raise ApiError(400, "'prompt' is required: describe the result you want", param="prompt")
+    base, output_format = parse_generation_body({k: v for k, v in fields.items() if k not in ("strength",)})
+    return (dataclasses.replace(base, aspect=fields.get("aspect"), n=fields.get("n", 1), image=image, mask=mask,
+                                strength=fields.get("strength")), output_format, fields)
+
+
+def install_edits(router: APIRouter, *, engine, queue, store, metrics, settings, check_auth) -> None:
+    """POST /v1/images/edits: admission exactly as /v1/images/generations (cheap checks, engine state, a place
+    in the one queue, engine.resolve off the event loop, outcome_of for every error)."""
+
+    @router.post("/v1/images/edits", openapi_extra={"requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": ImagesEditForm.model_json_schema()}}}})
+    async def edits(request: Request):
+        check_auth(request)
+        route = "openai_edit"
+
+        def refuse(outcome: Outcome) -> JSONResponse:
+            metrics.observe_outcome(outcome.status, route)
+            return outcome_response(outcome)
+
+        fields: dict = {}
+        try:
+            gen_request, output_format, fields = await parse_edit_form(request)
+            # Decoding the inputs takes milliseconds to a second: off the event loop, and before admission so a
+            # bad image is a 4xx even when the queue is full.
+            await asyncio.to_thread(requests.resolve, gen_request)
+            engine.status().check()
+            ticket = queue.admit()
+        except ApiError as exc:
+            metrics.observe_outcome("invalid", route)
+            return error_response(exc.status, exc.message, exc.type, exc.param, headers=exc.headers)
+        except RequestError as exc:
+            return refuse(outcome_of(in_api_terms(exc, fields)))
+        except (EngineError, QueueFull) as exc:
+            return refuse(outcome_of(exc))
+
+        try:
+            job = await asyncio.to_thread(engine.resolve, gen_request)
+        except RequestError as exc:
+            queue.leave(ticket)
+            return refuse(outcome_of(in_api_terms(exc, fields)))
+        try:
+            work = asyncio.ensure_future(queue.run(ticket, job))
+            while not work.done():
+                await asyncio.wait({work}, timeout=0.25)
+                if not work.done() and await request.is_disconnected():
+                    ticket.cancel.set()
+            result = work.result()
+        except Exception as exc:
+            outcome = outcome_of(exc)
+            if outcome.status == "error":
+                log.exception("edit failed")
+            return refuse(outcome)
+
+        metrics.observe_result(result, route)
+        data, encoded = await asyncio.to_thread(_encode_all, result, output_format, settings.model)
+        store.save(result, png=encoded if output_format == "png" else None)
+        warnings = list(result.warnings)
+        png_bytes = (sum(len(blob) for blob in encoded) if output_format == "png"
+                     else 3 * result.width * result.height * len(encoded))
+        save_problem = store.problem(png_bytes)
+        if save_problem:
+            warnings.append(f"images are not being saved to the outputs folder: {save_problem}")
+        return {"created": int(time.time()), "data": data, "output_format": output_format,
+                "size": f"{result.width}x{result.height}", "quality": result.preset,
+                "zimage": {"task": result.task, "strength": result.strength, "input_sha256": result.input_sha256,
+                           "seeds": result.seeds, "steps": result.steps, "timings": result.timings,
+                           "peak_vram_bytes": result.peak_vram_bytes, "warnings": warnings}}

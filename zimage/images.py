@@ -28,15 +28,24 @@ PNG_COMPRESS_LEVEL = 1
 
 def metadata(result, seed: int, model: str) -> dict[str, Any]:
     """What produced one image, enough to make it again."""
-    return {"prompt": result.prompt, "seed": seed, "steps": result.steps, "width": result.width,
+    meta = {"prompt": result.prompt, "seed": seed, "steps": result.steps, "width": result.width,
             "height": result.height, "preset": result.preset, "guidance_scale": GUIDANCE_SCALE, "sampler": SAMPLER,
             "model": model}
+    task = getattr(result, "task", "text-to-image")
+    if task != "text-to-image":  # an edit: what it started from (the input itself is not stored)
+        meta.update(task=task, strength=result.strength, input_sha256=result.input_sha256)
+    return meta
 
 
 def parameters_text(meta: dict[str, Any]) -> str:
-    return (f"{meta['prompt']}\nSteps: {meta['steps']}, Sampler: {meta['sampler']}, CFG scale: "
+    text = (f"{meta['prompt']}\nSteps: {meta['steps']}, Sampler: {meta['sampler']}, CFG scale: "
             f"{meta['guidance_scale']:g}, Seed: {meta['seed']}, Size: {meta['width']}x{meta['height']}, "
             f"Model: {meta['model']}, Preset: {meta['preset']}")
+    if meta.get("task") not in (None, "text-to-image"):
+        # A1111 writes img2img's strength as "Denoising strength"; the input is named by its hash.
+        text += (f", Task: {meta['task']}, Denoising strength: {meta.get('strength')}, "
+                 f"Input sha256: {meta.get('input_sha256')}")
+    return text
 
 
 def png_bytes(image: PIL.Image.Image, meta: dict[str, Any] | None = None,
@@ -119,7 +128,11 @@ def parse_parameters_text(text: str) -> dict[str, Any]:
         meta["seed"] = int(fields["seed"])
     if "size" in fields and re.fullmatch(r"\d+x\d+", fields["size"]):
         meta["width"], meta["height"] = map(int, fields["size"].split("x"))
-    for key in ("model", "preset", "sampler"):
+    for key in ("model", "preset", "sampler", "task"):
         if key in fields:
             meta[key] = fields[key]
+    if "input sha256" in fields:
+        meta["input_sha256"] = fields["input sha256"]
+    if re.fullmatch(r"[0-9.]+", fields.get("denoising strength", "")):
+        meta["strength"] = float(fields["denoising strength"])
     return meta

@@ -65,6 +65,12 @@ class GenerationRequest:
     steps: IntLike = None
     seed: IntLike = None
     n: IntLike = 1
+    # Editing (image-to-image, inpainting): see resolve_edit. `task` None infers it from the inputs. For an
+    # edit, `aspect` None (and no width/height) means "the input's size, snapped to multiples of 16".
+    task: str | None = None
+    image: Any = None  # the init image: encoded bytes (PNG, JPEG or WebP) or a PIL image
+    mask: Any = None  # where to repaint: transparent pixels if it has any, else white (>= 128) pixels
+    strength: Union[float, str, None] = None  # 0..1: how far from the input the result may go
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,16 @@ class Job:
     warnings: tuple[str, ...] = ()
     prompt_tokens: int | None = None  # as the pipeline tokenizes it; counted once, before the GPU lock
     keep_latents: bool = False  # return the final latents too (quality checks in benchmarks and GPU tests)
+    # Editing: the init image and mask already at width x height (mask: "L", 255 = repaint, 0 = keep).
+    init_image: Any = None
+    mask: Any = None
+    strength: float | None = None
+    input_sha256: str | None = None  # of the input image as sent (its file bytes), for the PNG metadata
+
+    @property
+    def denoise_steps(self) -> int:
+        """Transformer steps per image: all of them for text-to-image, the last `strength` of them for an edit."""
+        return self.steps if self.strength is None else edit_steps(self.steps, self.strength)
 
 
 @dataclass
@@ -100,6 +116,9 @@ class GenerationResult:
     warnings: list[str] = field(default_factory=list)
     oom_retries: int = 0
     latents: list | None = None  # final latents (float32, CPU) when asked for: quality checks compare them
+    task: str = "text-to-image"
+    strength: float | None = None
+    input_sha256: str | None = None
 
 
 def _as_int(value: Any, param: str, what: str) -> int:
@@ -116,6 +135,8 @@ def _as_int(value: Any, param: str, what: str) -> int:
 
 def resolve(request: GenerationRequest) -> Job:
     """Validate a request; raises RequestError with a message that says what to change."""
+    if _is_edit(request):
+        return resolve_edit(request)
     warnings: list[str] = []
 
     prompt = request.prompt
@@ -204,3 +225,184 @@ def _find(table: dict, name: Any):
         if key.lower() == name.strip().lower():
             return value
     return None
+
+
+# ---- editing: image-to-image and inpainting ------------------------------------------------------------------
+TEXT_TO_IMAGE, IMAGE_TO_IMAGE, INPAINT = "text-to-image", "image-to-image", "inpaint"
+TASKS = (TEXT_TO_IMAGE, IMAGE_TO_IMAGE, INPAINT)
+DEFAULT_STRENGTH = {IMAGE_TO_IMAGE: 0.6, INPAINT: 1.0}  # inpainting repaints the masked area from scratch
+INPUT_FORMATS = ("PNG", "JPEG", "WEBP")
+MAX_INPUT_BYTES = 20 << 20  # 20 MiB per input file
+# Checked from the header, before any pixel is decoded: a 20000x20000 "decompression bomb" is refused at once.
+MAX_INPUT_PIXELS = 40_000_000  # a 40 MP photo decodes to 160 MB of RGBA; PIL's own bomb check sits at 179 MP
+MAX_OUTPUT_AREA = presets.TIERS["Ultra"].side ** 2  # an input larger than this is scaled down for the output
+
+
+def edit_steps(steps: int, strength: float) -> int:
+    """Transformer steps an edit runs: the last `strength` of the schedule, as diffusers counts them
+    (ZImageImg2ImgPipeline.get_timesteps). 0 (strength 0): the input comes back unchanged."""
+    return steps - int(max(steps - steps * strength, 0))
+
+
+def _is_edit(request: GenerationRequest) -> bool:
+    return (getattr(request, "task", None) not in (None, TEXT_TO_IMAGE) or getattr(request, "image", None) is not None
+            or getattr(request, "mask", None) is not None or getattr(request, "strength", None) is not None)
+
+
+def open_image(data: Any, param: str = "image"):
+    """The one check of every input image: bytes (PNG, JPEG or WebP, at most MAX_INPUT_BYTES, at most
+    MAX_INPUT_PIXELS read from the header before decoding) or a PIL image. Returns (loaded PIL image, sha256
+    of the file bytes, or of the pixels for a PIL image). RequestError(param) says what is wrong."""
+    import hashlib
+    import io
+
+    import PIL.Image
+
+    if isinstance(data, PIL.Image.Image):
+        image = data
+        _check_pixels(image.width, image.height, param)
+        digest = hashlib.sha256(f"{image.mode} {image.width}x{image.height}\n".encode() + image.tobytes()).hexdigest()
+        return image, digest
+    if isinstance(data, (bytearray, memoryview)):
+        data = bytes(data)
+    if not isinstance(data, bytes):
+        raise RequestError(f"{param} must be an image file (PNG, JPEG or WebP); got {type(data).__name__}", param)
+    if not data:
+        raise RequestError(f"{param} is empty: send a PNG, JPEG or WebP file", param)
+    if len(data) > MAX_INPUT_BYTES:
+        raise RequestError(f"{param} is {len(data)} bytes; the limit is {MAX_INPUT_BYTES} ({MAX_INPUT_BYTES >> 20} MiB)",
+                           param)
+    try:
+        image = PIL.Image.open(io.BytesIO(data))  # reads the header only
+    except PIL.Image.DecompressionBombError:
+        raise RequestError(f"{param} is too large: the limit is {MAX_INPUT_PIXELS / 1e6:.0f} MP", param) from None
+    except (PIL.UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        raise RequestError(f"{param} is not an image this server reads: send a PNG, JPEG or WebP file", param) from None
+    if image.format not in INPUT_FORMATS:
+        raise RequestError(f"{param} is {image.format}; send a PNG, JPEG or WebP file", param)
+    _check_pixels(image.width, image.height, param)
+    try:
+        image.load()
+    except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as exc:
+        raise RequestError(f"{param} could not be decoded ({str(exc)[:120]}): is the file complete?", param) from None
+    return image, hashlib.sha256(data).hexdigest()
+
+
+def _check_pixels(width: int, height: int, param: str) -> None:
+    if width * height > MAX_INPUT_PIXELS:
+        raise RequestError(f"{param} is too large: {width}x{height} is {width * height / 1e6:.0f} MP; the limit is "
+                           f"{MAX_INPUT_PIXELS / 1e6:.0f} MP: scale it down first", param)
+    if min(width, height) < 1:
+        raise RequestError(f"{param} has no pixels ({width}x{height})", param)
+
+
+def mask_area(mask) -> Any:
+    """The area to repaint as an "L" image, 255 = repaint: the transparent pixels (alpha < 128) of a mask that has
+    any (OpenAI's convention), otherwise its white pixels (grey level >= 128, diffusers' convention)."""
+    if mask.mode in ("RGBA", "LA", "PA") or (mask.mode == "P" and "transparency" in mask.info):
+        alpha = mask.convert("RGBA").getchannel("A")
+        if alpha.getextrema()[0] < 255:
+            return alpha.point(lambda v: 255 if v < 128 else 0)
+    return mask.convert("L").point(lambda v: 255 if v >= 128 else 0)
+
+
+def snapped_size(width: int, height: int) -> tuple[int, int]:
+    """An input's size as an output size: multiples of SIZE_MULTIPLE, the same aspect ratio, sides within
+    MIN_SIDE..MAX_SIDE and the area at most MAX_OUTPUT_AREA (larger inputs are scaled down, tiny ones up)."""
+    import math
+
+    scale = min(1.0, math.sqrt(MAX_OUTPUT_AREA / (width * height)), presets.MAX_SIDE / max(width, height))
+    scale = max(scale, presets.MIN_SIDE / min(width, height))
+    m = presets.SIZE_MULTIPLE
+
+    def snap(v: float) -> int:
+        return min(presets.MAX_SIDE, max(presets.MIN_SIDE, int(round(v / m)) * m))
+
+    return snap(width * scale), snap(height * scale)
+
+
+def fit(image, width: int, height: int, resample):
+    """`image` at width x height: scaled to cover, then centre-cropped (the aspect ratio is never stretched)."""
+    if image.size == (width, height):
+        return image
+    scale = max(width / image.width, height / image.height)
+    w, h = max(width, round(image.width * scale)), max(height, round(image.height * scale))
+    resized = image.resize((w, h), resample)
+    left, top = (w - width) // 2, (h - height) // 2
+    return resized.crop((left, top, left + width, top + height))
+
+
+def _as_strength(value: Any) -> float:
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise RequestError(f"strength must be a number from 0 to 1; got {value!r}", "strength") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise RequestError(f"strength must be a number from 0 to 1; got {value!r}", "strength")
+    if not 0.0 <= value <= 1.0:
+        raise RequestError(f"strength {value:g} is out of range: use 0 (keep the input) to 1 (repaint it fully)",
+                           "strength")
+    return float(value)
+
+
+def resolve_edit(request: GenerationRequest) -> Job:
+    """Validate an image-to-image or inpainting request: the text-to-image checks (prompt, steps, n, seed,
+    quality, size) plus the inputs. The output size is the one asked (width/height, or the preset's with
+    `aspect`), else the input's size snapped to multiples of 16 (a warning says so)."""
+    import dataclasses
+
+    import PIL.Image
+
+    task = request.task
+    if task is not None and task not in TASKS:
+        raise RequestError(f"unknown task {task!r}: use one of {', '.join(TASKS)}", "task")
+    if request.image is None:
+        if task in (IMAGE_TO_IMAGE, INPAINT) or request.mask is not None or request.strength is not None:
+            raise RequestError("an edit needs an input image: send `image` (PNG, JPEG or WebP)", "image")
+        return resolve(dataclasses.replace(request, task=None))
+    if task == TEXT_TO_IMAGE:
+        raise RequestError("text-to-image takes no input image: leave `image` out, or ask for image-to-image",
+                           "image")
+    if task is None:
+        task = INPAINT if request.mask is not None else IMAGE_TO_IMAGE
+    if task == INPAINT and request.mask is None:
+        raise RequestError("inpainting needs a mask: send `mask` (transparent or white pixels = the area to repaint)",
+                           "mask")
+    if task == IMAGE_TO_IMAGE and request.mask is not None:
+        raise RequestError("image-to-image takes no mask: leave `mask` out, or ask for inpaint", "mask")
+    strength = DEFAULT_STRENGTH[task] if request.strength is None else _as_strength(request.strength)
+
+    image, digest = open_image(request.image, "image")
+    mask = None
+    if request.mask is not None:
+        mask_image, _ = open_image(request.mask, "mask")
+        if mask_image.size != image.size:
+            raise RequestError(f"mask is {mask_image.width}x{mask_image.height} but image is {image.width}x"
+                               f"{image.height}: the mask must be the image's size", "mask")
+        mask = mask_area(mask_image)
+        if mask.getextrema()[1] == 0:
+            raise RequestError("mask is empty: make the area to repaint transparent (or white)", "mask")
+
+    warnings: list[str] = []
+    from_image = request.width is None and request.height is None and request.aspect is None
+    base = dataclasses.replace(request, task=None, image=None, mask=None, strength=None)
+    if from_image:
+        width, height = snapped_size(image.width, image.height)
+        base = dataclasses.replace(base, width=width, height=height)
+        if (width, height) != image.size:
+            warnings.append(f"output is {width}x{height}: the input's {image.width}x{image.height} snapped to "
+                            f"multiples of {presets.SIZE_MULTIPLE} keeping its aspect ratio")
+    job = resolve(base)
+    job_warnings = [w for w in job.warnings if not (from_image and "is not a" in w and "preset size" in w)]
+    if not from_image and abs(image.width / image.height - job.width / job.height) > 0.01:
+        warnings.append(f"the input ({image.width}x{image.height}) was scaled and centre-cropped to the output's "
+                        f"{job.width}x{job.height}")
+    init = fit(image.convert("RGB"), job.width, job.height, PIL.Image.Resampling.LANCZOS)
+    if mask is not None:
+        mask = fit(mask, job.width, job.height, PIL.Image.Resampling.NEAREST)
+    if edit_steps(job.steps, strength) == 0:
+        warnings.append(f"strength {strength:g} with {job.steps} steps runs no denoising step: the result is the "
+                        "input image")
+    return dataclasses.replace(job, task=task, init_image=init, mask=mask, strength=strength, input_sha256=digest,
+                               warnings=tuple(job_warnings + warnings))

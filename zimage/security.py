@@ -56,6 +56,7 @@ BODY_LIMIT = 1 * MIB  # every route not listed below: the JSON API (a prompt is 
 UPLOAD_FILE_LIMIT = 50 * MIB  # Gradio's max_file_size: the PNG dropped on "Read PNG parameters" (ours are < 10 MiB)
 BODY_LIMITS = {  # exact paths (a trailing slash ignored) -> bytes
     "/gradio_api/upload": UPLOAD_FILE_LIMIT + 1 * MIB,  # multipart: the file plus its part headers
+    "/v1/images/edits": 41 * MIB,  # multipart: image and mask of at most 20 MiB each (request.MAX_INPUT_BYTES)
 }
 DRAIN_LIMIT = 8 * MIB  # a too-large body up to this size is read and discarded before the 413 (see _refuse_early)
 DRAIN_SECONDS = 5.0

@@ -10,8 +10,12 @@ timed, and has its own retry:
       -> fails again: report "failed", raise OutOfMemory with the size, free/total memory and a smaller
          preset to try.
 
-A task (text-to-image today) is a `Job.task` value; a new task adds its input preparation here and keeps
-the same encode / denoise / decode shape and the same ladder.
+A task is a `Job.task` value and a row of TASK_PIPELINES: text-to-image, image-to-image and inpainting share
+this encode / denoise / decode shape and its ladder. An edit's inputs are prepared once per job (`prepare`:
+the init image as the pipeline's tensor), the task's diffusers pipeline (built from the same components,
+so it shares weights and the compiled transformer) encodes it, noises it to `strength` and denoises with
+`output_type="latent"`, and the engine's own decode follows. Inpainting then pastes the input back outside
+the mask (feathered inward), so pixels outside the mask are exactly the input's.
 """
 
 from __future__ import annotations
@@ -41,6 +45,10 @@ MAX_SEQUENCE_LENGTH = 512  # text encoder tokens the pipeline reads; longer prom
 ENCODE_BUCKET = 64
 
 ProgressFn = Callable[[int, int], None]
+# Job.task -> the diffusers pipeline class that runs its denoising (all built from the loaded pipeline's components).
+TASK_PIPELINES = {"text-to-image": "ZImagePipeline", "image-to-image": "ZImageImg2ImgPipeline",
+                  "inpaint": "ZImageInpaintPipeline"}
+MASK_FEATHER = 3  # pixels: the pasted-back input fades into the repainted area over about this width
 # (kind "handled" | "failed", stage, job, action taken): the engine logs and counts it, and decides on fatal.
 OomReport = Callable[[str, str, Job, str], None]
 
@@ -63,6 +71,7 @@ class Stages:
         self.report_oom = report_oom
         self.stats = stats  # the engine's EngineStats
         self._embed_cache: collections.OrderedDict[str, list[torch.Tensor]] = collections.OrderedDict()
+        self.task_pipes = task_pipelines(pipe)
 
     def run(self, job: Job, on_progress: ProgressFn, cancel: threading.Event) -> GenerationResult:
         on_gpu = self.device.startswith("cuda")
@@ -70,7 +79,8 @@ class Stages:
             torch.cuda.reset_peak_memory_stats(self.device)
         timings = {"text_encode": 0.0, "denoise": 0.0, "decode": 0.0}
         warnings, recoveries = list(job.warnings), []
-        total_steps = job.steps * len(job.seeds)
+        total_steps = job.denoise_steps * len(job.seeds)
+        init = self.prepare(job)  # an edit's input tensor, once per job
         t_start = time.perf_counter()
 
         def timed(stage: str, fn):
@@ -92,10 +102,15 @@ class Stages:
             images, kept_latents = [], []
             for index, seed in enumerate(job.seeds):
                 check_cancel()
-                offset = index * job.steps
+                if job.task != "text-to-image" and job.denoise_steps == 0:  # strength 0: nothing to change
+                    images.append(job.init_image.copy())
+                    continue
+                offset = index * job.denoise_steps
                 latents = timed("denoise", lambda: self._with_oom_retry(
-                    "denoise", job, lambda: self.denoise(job, embeds, seed, offset, total_steps, on_progress, cancel),
-                    lambda: self.denoise(job, embeds, seed, offset, total_steps, on_progress, cancel, shed=True),
+                    "denoise", job, lambda: self.denoise(job, embeds, seed, offset, total_steps, on_progress, cancel,
+                                                         init=init),
+                    lambda: self.denoise(job, embeds, seed, offset, total_steps, on_progress, cancel, shed=True,
+                                         init=init),
                     "text encoder moved off the GPU", recoveries))
                 check_cancel()
                 if not bool(torch.isfinite(latents).all()):
@@ -106,6 +121,8 @@ class Stages:
                 images.append(timed("decode", lambda: self._with_oom_retry(
                     "decode", job, lambda: self.decode(latents, tiled=tiled),
                     lambda: self.decode(latents, tiled=True), "tiled VAE decode", recoveries)))
+                if job.task == "inpaint":
+                    images[-1] = paste_back(images[-1], job.init_image, job.mask)
                 del latents
         timings = {k: round(v, 4) for k, v in timings.items()}
         timings["total"] = round(time.perf_counter() - t_start, 4)
@@ -114,7 +131,8 @@ class Stages:
         return GenerationResult(images=images, seeds=list(job.seeds), prompt=job.prompt, preset=job.preset,
                                 width=job.width, height=job.height, steps=job.steps, timings=timings,
                                 peak_vram_bytes=peak, warnings=warnings, oom_retries=len(recoveries),
-                                latents=kept_latents or None)
+                                latents=kept_latents or None, task=job.task, strength=job.strength,
+                                input_sha256=job.input_sha256)
 
     # ---- the stages ------------------------------------------------------------------------------
     def encode(self, prompt: str, n_tokens: int | None = None, shed: bool = False) -> list[torch.Tensor]:
@@ -137,7 +155,7 @@ class Stages:
         return embeds
 
     def denoise(self, job: Job, embeds, seed: int, offset: int, total: int, on_progress: ProgressFn,
-                cancel: threading.Event, shed: bool = False) -> torch.Tensor:
+                cancel: threading.Event, shed: bool = False, init: torch.Tensor | None = None) -> torch.Tensor:
         if shed:
             self.placement.shed_text_encoder()
 
@@ -148,11 +166,24 @@ class Stages:
             return tensors
 
         # CPU generator: the same seed gives the same noise on any GPU or on CPU.
-        out = self.pipe(prompt_embeds=embeds, height=job.height, width=job.width, num_inference_steps=job.steps,
+        pipe, inputs = self.task_pipes[job.task], {}
+        if job.task != "text-to-image":
+            inputs = dict(image=init if init is not None else self.prepare(job), strength=job.strength)
+            if job.task == "inpaint":
+                inputs["mask_image"] = job.mask
+        out = pipe(**inputs, prompt_embeds=embeds, height=job.height, width=job.width, num_inference_steps=job.steps,
                         guidance_scale=presets.GUIDANCE_SCALE, generator=torch.Generator("cpu").manual_seed(seed),
                         output_type="latent", callback_on_step_end=on_step_end,
                         max_sequence_length=MAX_SEQUENCE_LENGTH)
         return out.images
+
+    def prepare(self, job: Job) -> torch.Tensor | None:
+        """An edit's init image as the pipeline's input tensor (1, 3, H, W) in [0, 1] (the pipeline normalizes it
+        and VAE-encodes it); once per job."""
+        if job.init_image is None:
+            return None
+        pixels = torch.from_numpy(np.asarray(job.init_image.convert("RGB"), dtype=np.uint8).copy())
+        return (pixels.permute(2, 0, 1)[None].to(torch.float32) / 255.0).contiguous()
 
     def decode(self, latents: torch.Tensor, tiled: bool) -> PIL.Image.Image:
         vae = self.pipe.vae
@@ -191,6 +222,31 @@ class Stages:
     def _sync(self) -> None:
         if self.device.startswith("cuda"):
             torch.cuda.synchronize(self.device)
+
+
+def task_pipelines(pipe) -> dict:
+    """One pipeline per task over the same components (no second copy of any weight; the compiled transformer,
+    placement and offload hooks are the loaded pipeline's). Built as `cls(**pipe.components)`, which is what
+    diffusers' `from_pipe` does, without its closing `.to(dtype)` (float32 unless told otherwise) that would
+    touch the shared, placed, possibly fp8-quantized or group-offloaded modules."""
+    import diffusers
+
+    pipes = {}
+    for task, name in TASK_PIPELINES.items():
+        cls = getattr(diffusers, name)
+        pipes[task] = pipe if isinstance(pipe, cls) and type(pipe) is cls else cls(**pipe.components)
+        pipes[task].set_progress_bar_config(disable=True)
+    return pipes
+
+
+def paste_back(generated: PIL.Image.Image, original: PIL.Image.Image, mask: PIL.Image.Image) -> PIL.Image.Image:
+    """Inpainting's result: the input outside the mask, exactly; inside, the generated pixels, blended with the
+    input over MASK_FEATHER pixels inward from the mask's edge (no visible seam)."""
+    from PIL import ImageChops, ImageFilter
+
+    soft = ImageChops.multiply(mask.filter(ImageFilter.GaussianBlur(MASK_FEATHER)), mask)  # 0 outside the mask
+    soft = soft.point(lambda v: min(255, 2 * v))  # fully generated from about a feather width inside the edge
+    return PIL.Image.composite(generated.convert("RGB"), original.convert("RGB"), soft)
 
 
 def memory_note(device: str, template: str, fallback: str) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 
 import gradio as gr
+import numpy as np
 
 from . import images, presets, request as requests
 from .interface import EngineState
@@ -53,6 +54,8 @@ def info_line(result) -> str:
              f"{result.width}×{result.height}", f"{result.steps} steps", result.preset,
              f"encode {t['text_encode']:.2f} s · denoise {t['denoise']:.2f} s · decode {t['decode']:.2f} s · "
              f"total {t['total']:.2f} s"]
+    if getattr(result, "task", "text-to-image") != "text-to-image":
+        parts.insert(1, f"{result.task} · strength {result.strength:g}")
     if result.peak_vram_bytes is not None:
         parts.append(f"peak VRAM {result.peak_vram_bytes / GIB:.1f} GiB")
     line = " · ".join(parts)
@@ -66,6 +69,33 @@ def run_details(result) -> dict:
     return {"seeds": result.seeds, "width": result.width, "height": result.height, "steps": result.steps,
             "preset": result.preset, "timings": result.timings, "peak_vram_bytes": result.peak_vram_bytes,
             "warnings": result.warnings}
+
+
+def editor_inputs(value) -> tuple:
+    """gr.ImageEditor's value -> (init image, mask or None). The painted strokes, on any layer, are the area to
+    repaint (a white-on-black "L" mask the image's size); nothing painted means image-to-image."""
+    import PIL.Image
+
+    if not value or value.get("background") is None:
+        return None, None
+    image = value["background"]
+    painted = None
+    for layer in value.get("layers") or []:
+        if layer is None:
+            continue
+        alpha = layer.convert("RGBA").getchannel("A")
+        painted = alpha if painted is None else PIL.Image.fromarray(
+            (np.maximum(np.asarray(painted), np.asarray(alpha.resize(painted.size))))).convert("L")
+    if painted is None or painted.getextrema()[1] == 0:
+        return image, None
+    if painted.size != image.size:
+        painted = painted.resize(image.size, PIL.Image.Resampling.NEAREST)
+    return image, painted.point(lambda v: 255 if v > 0 else 0)
+
+
+def editor_value(image) -> dict:
+    """An image as gr.ImageEditor's value, unpainted (Send to Edit)."""
+    return {"background": image, "layers": [], "composite": image}
 
 
 STATE_LABELS = {EngineState.LOADING: "⏳ loading the model…",
@@ -144,8 +174,25 @@ def build(engine, queue, store, metrics, settings) -> gr.Blocks:
                        progress=gr.Progress()):
         req = GenerationRequest(prompt=prompt, preset=quality, aspect=aspect,
                                 seed=None if random_seed else seed, n=count)
+        return await run_request(req, request, progress)
+
+    async def edit(value, prompt, strength, quality, seed, random_seed, request: gr.Request, progress=gr.Progress()):
+        image, mask = editor_inputs(value)
+        if image is None:
+            refuse(requests.RequestError("upload or paste an image to edit first", "image"))
+        if image.mode in ("RGBA", "LA", "P"):
+            image = image.convert("RGB")  # the editor's own transparency is not a mask here: strokes are
+        req = GenerationRequest(prompt=prompt, preset=quality, aspect=None, image=image, mask=mask,
+                                strength=strength, seed=None if random_seed else seed)
+        # Decoding and resizing the input takes a moment: the cheap checks run off the event loop here.
+        return await run_request(req, request, progress, check_in_thread=True)
+
+    async def run_request(req, request, progress, check_in_thread: bool = False):
         try:
-            requests.resolve(req)  # cheap checks first: a mistake is reported even when the queue is full
+            if check_in_thread:
+                await asyncio.to_thread(requests.resolve, req)
+            else:
+                requests.resolve(req)  # cheap checks first: a mistake is reported even when the queue is full
             engine.status().check()
             ticket = queue.admit()
         except (EngineError, QueueFull) as exc:
@@ -160,7 +207,8 @@ def build(engine, queue, store, metrics, settings) -> gr.Blocks:
             while not work.done():
                 ahead = queue.position(ticket)
                 if ahead:
-                    progress((0, job.steps * len(job.seeds)), desc=f"In queue: {ahead} ahead of you", unit="steps")
+                    progress((0, job.denoise_steps * len(job.seeds)), desc=f"In queue: {ahead} ahead of you",
+                             unit="steps")
                 await asyncio.wait({work}, timeout=0.5)
             result = work.result()
         except GenerationCancelled:
@@ -268,9 +316,39 @@ def build(engine, queue, store, metrics, settings) -> gr.Blocks:
                         with gr.Accordion("Run details", open=False):
                             details = gr.JSON(label="Run details")
                         files = gr.Files(label="PNG files (with parameters)", interactive=False)
+                        to_edit = gr.Button("Send to Edit", size="sm", elem_id="send-to-edit")
+            with gr.Tab("Edit", id="edit"):
+                with gr.Row():
+                    with gr.Column(scale=2):
+                        editor = gr.ImageEditor(label="Image: paint over the area to repaint (inpainting); paint "
+                                                      "nothing to change the whole picture (image-to-image)",
+                                                type="pil", image_mode="RGBA", format="png", layers=False,
+                                                brush=gr.Brush(colors=["#ffffff"], color_mode="fixed",
+                                                               default_size=40),
+                                                sources=("upload", "clipboard"), height=520, elem_id="editor")
+                        edit_prompt = gr.Textbox(label="Prompt", lines=2, elem_id="edit-prompt",
+                                                 placeholder="Describe the result (the painted area, or the whole)")
+                        strength = gr.Slider(0, 1, value=requests.DEFAULT_STRENGTH[requests.IMAGE_TO_IMAGE],
+                                             step=0.05, label="Strength: 0 keeps the input, 1 repaints fully",
+                                             elem_id="strength")
+                        with gr.Row():
+                            edit_quality = gr.Dropdown(list(presets.TIERS), value=presets.DEFAULT_TIER,
+                                                       label="Quality (steps; the size is the input's)")
+                            edit_seed = gr.Number(value=-1, precision=0, label="Seed", minimum=-1, maximum=SEED_MAX)
+                            edit_random = gr.Checkbox(value=True, label="Random seed")
+                        with gr.Row():
+                            edit_go = gr.Button("Edit", variant="primary", elem_id="edit")
+                            edit_stop = gr.Button("Cancel", variant="stop", elem_id="edit-cancel")
+                    with gr.Column(scale=3):
+                        edit_gallery = gr.Gallery(label="Result", format="jpeg", columns=2, height=560,
+                                                  elem_id="edit-result", object_fit="contain")
+                        edit_info = gr.Markdown(elem_id="edit-info")
+                        edit_files = gr.Files(label="PNG files (with parameters)", interactive=False)
             with gr.Tab("History", id="history"):
                 history = gr.Gallery(label="Recent outputs (kept across restarts)", columns=6, height=640)
-                refresh = gr.Button("Refresh", size="sm")
+                with gr.Row():
+                    refresh = gr.Button("Refresh", size="sm")
+                    history_to_edit = gr.Button("Send selected to Edit", size="sm", elem_id="history-to-edit")
             with gr.Tab("Read PNG parameters", id="read"):
                 upload = gr.File(label="Drop a PNG made here or by an A1111-compatible tool", type="binary",
                                  file_types=[".png"])
@@ -295,6 +373,42 @@ def build(engine, queue, store, metrics, settings) -> gr.Blocks:
         upload.change(read_back, upload, [params, params_text, send], queue=False, api_visibility="private")
         send.click(send_to_form, params, [prompt, quality, aspect, seed, random_seed, note, tabs], queue=False,
                    api_visibility="private")
+
+        edit_last, edit_details, history_pick = gr.State(None), gr.State(None), gr.State(None)
+        edit_run = edit_go.click(edit, [editor, edit_prompt, strength, edit_quality, edit_seed, edit_random],
+                                 [edit_gallery, edit_info, edit_details, edit_seed, edit_last],
+                                 concurrency_limit=settings.queue_size + 1, api_visibility="private")
+        edit_run.then(lambda: gr.Gallery(selected_index=0), None, edit_gallery, queue=False, api_visibility="private")
+        edit_run.then(report_saved, edit_last, [edit_files, edit_info, history], concurrency_limit=None,
+                      api_visibility="private")
+        edit_stop.click(cancel_running, None, [edit_gallery, edit_info], cancels=[edit_run], queue=False,
+                        api_visibility="private")
+
+        def send_result_to_edit(pending, text):
+            if not pending:
+                return gr.update(), gr.update(), gr.update()
+            result, _ = pending
+            return editor_value(result.images[0]), result.prompt or text, gr.Tabs(selected="edit")
+
+        to_edit.click(send_result_to_edit, [last, prompt], [editor, edit_prompt, tabs], queue=False,
+                      api_visibility="private")
+
+        def pick_history(evt: gr.SelectData):
+            return evt.index
+
+        def send_history_to_edit(index):
+            entries = store.recent(24)
+            if index is None or not 0 <= index < len(entries):
+                return gr.update(), gr.update(), gr.update()
+            import PIL.Image
+
+            with PIL.Image.open(entries[index]["path"]) as image:
+                picture = image.convert("RGB")
+            return editor_value(picture), entries[index].get("prompt", ""), gr.Tabs(selected="edit")
+
+        history.select(pick_history, None, history_pick, queue=False, api_visibility="private")
+        history_to_edit.click(send_history_to_edit, history_pick, [editor, edit_prompt, tabs], queue=False,
+                              api_visibility="private")
 
         def tick():
             state = engine.status().state
