@@ -30,7 +30,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from . import loading, memory, presets, speed
+from . import compile_cache, loading, memory, presets, speed
 from .request import (EngineUnavailable, GenerationCancelled, GenerationRequest, GenerationResult, Job,
                       OutOfMemory, RequestError, resolve)
 from .settings import Settings
@@ -151,11 +151,14 @@ class Engine:
             speed.apply_attention_backend(pipe.transformer, self.attention_backend)
             if self.settings.compile_enabled():
                 speed.use_compile_cache(self.settings.cache_dir / "inductor")
+                # Saved artifacts for exactly these settings go in before anything compiles (compile_cache.py).
+                self._compile_cache = compile_cache.prepare(self.settings.cache_dir, compile_cache.engine_fields(self))
                 if not self.placement.profile.transformer_streamed:  # offload hooks and compile do not mix
                     speed.compile_transformer(pipe.transformer)
                     self.compiled = True
                 if not self.placement.profile.text_encoder_streamed:
                     speed.compile_text_encoder(pipe.text_encoder)
+            self.speed_switches = speed.apply_switches(pipe, self.device, self.compiled, self.placement.profile.name)
             self.pipe = pipe
         except Exception as exc:
             self.state, self.state_detail = "failed", str(exc)
@@ -169,6 +172,7 @@ class Engine:
             # Compiled graphs leave ~10^6 long-lived objects; a full gc.collect() walking them took 0.5 s per
             # request on the H100 host (49 % of a Standard generation). Freezing them after warm-up keeps the
             # per-request collection to what the request itself created.
+            compile_cache.store(getattr(self, "_compile_cache", None))  # after warm-up: what it compiled
             gc.collect()
             gc.freeze()
             self.state = "ready"
@@ -182,6 +186,7 @@ class Engine:
             "dtype": str(self.dtype).replace("torch.", ""),
             "attention": self.attention_backend,
             "compiled": self.compiled,
+            "speed_switches": getattr(self, "speed_switches", []),
             "fp8": self.fp8,
             "memory_profile": self.placement.profile.name if self.placement else None,
             "usable_gib": round(self.usable_gib, 1) if self.usable_gib else None,
