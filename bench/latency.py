@@ -154,6 +154,17 @@ def run_variant(args, spec: str, flops_cache: dict, reference: dict, results: li
             t = time.perf_counter()
             rows.append(engine.generate(GenerationRequest(PROMPT, preset=tier, aspect=aspect, seed=1234 + i)))
             walls.append(time.perf_counter() - t)  # what a caller waits: stages + cleanup
+        graphed = getattr(engine.pipe.transformer, "layers", None)
+        nocg = None
+        if hasattr(graphed, "enabled") and graphed.enabled:  # cg: the same engine with the graphs off (A/B)
+            graphed.enabled = False
+            nocg_walls = []
+            for i in range(args.runs):
+                t = time.perf_counter()
+                engine.generate(GenerationRequest(PROMPT, preset=tier, aspect=aspect, seed=1234 + i))
+                nocg_walls.append(time.perf_counter() - t)
+            graphed.enabled = True
+            nocg = {k: round(x, 4) for k, x in summarize(nocg_walls).items()}
         png = []
         for r in rows[:3]:
             t = time.perf_counter()
@@ -181,7 +192,9 @@ def run_variant(args, spec: str, flops_cache: dict, reference: dict, results: li
             "flops": flops, "flops_by_module": flops_cache[shape]["by_module"],
             "achieved_tflops": round(flops / e2e["median"] / 1e12, 1),
             "floor_s_at_bf16_peak": round(flops / (BF16_PEAK_TFLOPS * 1e12), 4),
-            "describe": engine.describe(), "compile_stats": compiled_stats,
+            "describe": engine.describe(), "compile_stats": compiled_stats, "e2e_s_graphs_off": nocg,
+            "graphs": ({"captures": graphed.captures, "replays": graphed.replays} if hasattr(graphed, "captures")
+                       else None),
             "nonfinite": any("non-finite" in w for r in rows + [first] for w in r.warnings)
             or not bool(torch.isfinite(latents).all()) or engine.stats.nonfinite_images > 0,
         }
@@ -202,7 +215,7 @@ def run_variant(args, spec: str, flops_cache: dict, reference: dict, results: li
         print(json.dumps({k: entry[k] for k in ("variant", "shape", "e2e_s", "per_step_ms", "text_encode_s",
                                                 "first_call_s", "peak_vram_gib")}), flush=True)
     if args.profile_out:  # the same engine, already compiled: one profiled generation of the first shape
-        from bench.profile import profile_generation, table as profile_table
+        from bench.gpu_profile import profile_generation, table as profile_table
 
         tier, aspect = shapes[0].split(":", 1)
         row = {"variant": spec, "shape": shapes[0], "describe": engine.describe()}
@@ -315,7 +328,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="latency.json")
     ap.add_argument("--service-variant", default="", help="also time the HTTP API and cleanup on this variant")
     ap.add_argument("--service-runs", type=int, default=6)
-    ap.add_argument("--profile-out", default="", help="also profile one generation per variant (bench/profile.py)")
+    ap.add_argument("--profile-out", default="", help="also profile one generation per variant (bench/gpu_profile.py)")
     ap.add_argument("--trace-dir", default="", help="with --profile-out: chrome traces (.json.gz) here")
     ap.add_argument("--skip-flops", action="store_true", help="do not count FLOPs (saves one eager generation)")
     args = ap.parse_args(argv)

@@ -1,6 +1,7 @@
-"""Where one generation's GPU time goes: torch.profiler breakdown by kernel category, stage, idle gaps.
+"""(Not `bench/profile.py`: a script folder on sys.path would shadow the stdlib `profile` that torch._dynamo
+imports through cProfile.) Where one generation's GPU time goes: torch.profiler breakdown by kernel category, stage, idle gaps.
 
-    python bench/profile.py --model random-full --variants compiled+native+tec,compiled+native+tec+fp8 \
+    python bench/gpu_profile.py --model random-full --variants compiled+native+tec,compiled+native+tec+fp8 \
         --shape Standard:1:1 --out profile.json [--trace-dir DIR]
 
 Variants are bench/latency.py's tokens (same parser). Per variant: a fresh engine, three warm-up generations
