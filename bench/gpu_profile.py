@@ -126,7 +126,8 @@ def profile_generation(engine, request, top: int = 30, trace_path: Path | None =
     for ev in prof.events():
         tr = ev.time_range
         if ev.device_type == torch.autograd.DeviceType.CUDA:
-            kernels.append((ev.name, tr.start, tr.end))
+            if not ev.name.startswith(("stage:", "ProfilerStep")):  # GPU-side copies of user annotations
+                kernels.append((ev.name, tr.start, tr.end))
         elif ev.name.startswith("stage:"):
             ranges.setdefault(ev.name[6:], []).append((tr.start, tr.end))
     report = {"wall_s": round(wall, 4), "engine_timings": result.timings, "kernels": len(kernels)}

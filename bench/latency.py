@@ -90,7 +90,7 @@ def make_engine(args, v) -> tuple[Engine, float]:
         speed.compile_transformer(engine.pipe.transformer, dynamic=True if v["compile"] == "compiled-dyn" else None,
                                   mode="max-autotune-no-cudagraphs" if v["compile"] == "compiled-mat" else None)
         engine.compiled = True
-    if v["tec"]:
+    if v["tec"] == "teg" or (v["tec"] and not settings.compile_enabled()):  # the engine compiles it when on
         speed.compile_text_encoder(engine.pipe.text_encoder, mode="reduce-overhead" if v["tec"] == "teg" else None)
     engine.release_after_request = v["cleanup"]
     return engine, time.perf_counter() - t0  # still warming: mark_ready after the first calls, as the app does

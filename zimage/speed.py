@@ -201,15 +201,26 @@ def use_compile_cache(folder) -> None:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
 
 
-def compile_transformer(transformer, dynamic: bool | None = None, mode: str | None = None) -> None:
-    """Regional compile: each repeated ZImageTransformerBlock is compiled once and reused (21 s vs minutes)."""
+def compile_transformer(transformer, dynamic: bool | None = True, mode: str | None = None) -> None:
+    """Regional compile: each repeated ZImageTransformerBlock is compiled once and reused (21 s vs minutes).
+
+    dynamic=True: the sequence length (image tokens + caption padded to 32) differs per preset and prompt, and
+    Dynamo turned the first (static) graph dynamic at the second length anyway: every request after warm-up ran
+    the dynamic graph. Asking for it up front skips the static compile (on the H100 2026-11-24 one fp8 block
+    compile took 2 min 17 s)."""
     transformer.compile_repeated_blocks(fullgraph=True, dynamic=dynamic, mode=mode)
 
 
 def compile_text_encoder(text_encoder, mode: str | None = None) -> None:
     """Regional compile of the text encoder's decoder layers (the engine pads prompts to 64-token buckets, so
     they see a few lengths; warm-up shows them two). Eager it is launch-bound (58-81 ms where the math needs
-    ~5 ms); compiling the whole 36-layer model instead took ~4 minutes on the H100."""
+    ~5 ms); compiling the whole 36-layer model instead took ~4 minutes on the H100.
+
+    The KV cache is turned off first: with it, transformers hands every layer its own cache-layer object, and
+    Dynamo guarded on each one -- 35 recompiles of the same layer (H100 log, 2026-11-24), and every call then
+    walked 36 guard sets. The pipeline reads hidden states once; it never needs a cache."""
+    if hasattr(text_encoder, "config"):
+        text_encoder.config.use_cache = False
     for layer in text_encoder.layers:
         layer.compile(mode=mode)
 
@@ -240,7 +251,8 @@ def apply_switches(pipe, device: str, compiled: bool, profile: str, sw: Switches
     sw = sw or switches()
     applied = []
     on_gpu = device.startswith("cuda")
-    if sw.vae_compile and compiled and on_gpu:
+    # `full` only: the compiled decoder's peak was 38.6 GiB at 1024^2 vs 21.5 GiB eager (H100, 2026-11-24).
+    if sw.vae_compile and compiled and on_gpu and profile == "full":
         compile_vae_decoder(pipe.vae)
         applied.append("vae_compile")
     if sw.block_graphs and compiled and on_gpu and profile == "full":
