@@ -28,7 +28,9 @@ class Switches:
     vae_compile channels-last VAE + torch.compile(vae.decoder) when compiling (CUDA); tiled decode stays eager
     block_graphs the 30 main transformer blocks replayed as one CUDA graph per shape (cudagraph.py); CUDA,
                 `full` memory profile, compiled transformer
-    Defaults come from DEFAULT_SWITCHES; ZIMAGE_SPEED="-real_rope,+block_graphs" (comma-separated, + or -
+    Defaults (measured, H100 2026-11-24, bf16): real_rope on (-3.2 ms/step), vae_compile on (decode 108 -> 45 ms),
+    block_graphs off (bf16 0.916 vs 0.914 s with the graphs off in the same engine: kernel-bound; fp8, where
+    it was meant to pay, could not be measured this session). Defaults come from DEFAULT_SWITCHES; ZIMAGE_SPEED="-real_rope,+block_graphs" (comma-separated, + or -
     before a name) overrides them for a process (benchmarks and experiments)."""
 
     real_rope: bool = True
@@ -72,19 +74,18 @@ def flash_attn_3_available() -> bool:
 
 
 def available_attention_backends(device: str) -> list[str]:
-    """Backends worth trying on this machine, fastest first by the H100 measurements in docs/PERFORMANCE.md.
+    """Backends `auto` chooses from, first = chosen, by the H100 measurements in docs/PERFORMANCE.md.
 
-    On Hopper and newer: FlashAttention-4 (0.415 ms vs cuDNN SDPA 0.437 ms per block, and it reads the BSHD
-    layout the projections produce), FA3, then SDPA `native` (which picks cuDNN there). FlashAttention-2 is
-    *slower* than SDPA's cuDNN kernel on an H100 (0.82 vs 0.44 ms), so it is only offered below sm90."""
+    On Hopper: FA3 when its wheel is installed, then SDPA `native`, which picks cuDNN there (and, with the
+    project's real-RoPE processor, gets q/k in the layout cuDNN reads without copies). FlashAttention-2 is
+    *slower* than SDPA's cuDNN kernel on an H100 (0.82 vs 0.44 ms per block), so it is only offered below sm90,
+    and only when FA2 itself is installed (not just a `flash_attn` namespace). FlashAttention-4 (`fa4`) is
+    opt-in (`--attention fa4`): 5 % faster than cuDNN in a kernel micro-benchmark, not yet measured in the
+    engine, so `auto` does not pick it."""
     if not device.startswith("cuda"):
         return ["native"]
-    from . import fastattn
-
     names = []
     major = torch.cuda.get_device_capability(torch.device(device))[0] if torch.cuda.is_available() else 0
-    if fastattn.fa4_supported(device):
-        names.append(fastattn.FA4)
     if major >= 9 and flash_attn_3_available():
         names.append("_flash_3")
     if major < 9 and flash_attn_2_available():
@@ -156,35 +157,6 @@ def quantize_fp8(module: torch.nn.Module, excluded: tuple[str, ...] = FP8_EXCLUD
             count += 1
     if device is not None:
         module.to(device)
-    share_fp8_attributes(module)
-    return count
-
-
-def share_fp8_attributes(module: torch.nn.Module) -> int:
-    """Make equal non-tensor attributes of torchao's fp8 weights the *same* objects across layers.
-
-    torchao gives every quantized weight its own config objects (mm_config, act_quant_kwargs, ...). Dynamo
-    guards on a tensor subclass's flatten context; where a guard compares those objects by identity, each
-    repeated block would fail the previous block's guards and compile again (the engine raised the recompile
-    limit to 64 for that). Equal objects shared: one compile serves all blocks. Returns the attributes shared."""
-    shared: dict = {}
-    count = 0
-    for mod in module.modules():
-        weight = getattr(mod, "weight", None)
-        names = getattr(type(weight), "tensor_attribute_names", None) if weight is not None else None
-        for name in names or ():
-            value = getattr(weight, name, None)
-            try:
-                key = (name, repr(value))
-            except Exception:
-                continue
-            first = shared.setdefault(key, value)
-            if first is not value and first == value:
-                try:
-                    setattr(weight, name, first)
-                    count += 1
-                except Exception:
-                    pass
     return count
 
 
@@ -201,13 +173,21 @@ def use_compile_cache(folder) -> None:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
 
 
-def compile_transformer(transformer, dynamic: bool | None = True, mode: str | None = None) -> None:
+def has_fp8_weights(module: torch.nn.Module) -> bool:
+    """True if torchao replaced any Linear weight by an fp8 tensor subclass."""
+    return any(type(getattr(m, "weight", None)).__module__.startswith("torchao") for m in module.modules())
+
+
+def compile_transformer(transformer, dynamic: bool | None = None, mode: str | None = None) -> None:
     """Regional compile: each repeated ZImageTransformerBlock is compiled once and reused (21 s vs minutes).
 
-    dynamic=True: the sequence length (image tokens + caption padded to 32) differs per preset and prompt, and
-    Dynamo turned the first (static) graph dynamic at the second length anyway: every request after warm-up ran
-    the dynamic graph. Asking for it up front skips the static compile (on the H100 2026-11-24 one fp8 block
-    compile took 2 min 17 s)."""
+    dynamic (None = decide): bf16 compiles shape-generic up front. The sequence length (image tokens + caption
+    padded to 32) differs per preset and prompt, and Dynamo turned the first static graph dynamic at the second
+    length anyway, so every request after warm-up ran the dynamic graph; measured on the H100 (2026-11-24,
+    bf16): 98.7 ms/step either way. fp8 keeps the old static-then-dynamic path: its block compiles took minutes
+    each in this session's runs and the dynamic-up-front variant was not shown to be faster there."""
+    if dynamic is None:
+        dynamic = None if has_fp8_weights(transformer) else True
     transformer.compile_repeated_blocks(fullgraph=True, dynamic=dynamic, mode=mode)
 
 
