@@ -44,7 +44,10 @@ def save_random_full(folder: Path) -> float:
 def start_once(args, label: str) -> dict:
     if label == "cold":
         shutil.rmtree(args.cache_dir, ignore_errors=True)
-    app = AppProcess(args.log_dir, args.cache_dir, "--model", str(args.model_dir), *args.app_args)
+    elif label == "stale":  # warm Inductor cache, but the saved compile artifacts are corrupt (must be ignored)
+        for blob in args.cache_dir.glob("compiled/*/artifacts-*.bin"):
+            blob.write_bytes(blob.read_bytes()[:-7])
+    app = AppProcess(args.log_dir, args.cache_dir, "--model", args.model or str(args.model_dir), *args.app_args)
     app.start()
     try:
         app.wait_ready(timeout=args.timeout)
@@ -60,9 +63,12 @@ def start_once(args, label: str) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model-dir", type=Path, required=True)
+    ap.add_argument("--model-dir", type=Path)
+    ap.add_argument("--model", default=None, help="a model id for app.py instead of --model-dir (e.g. random-full, "
+                    "built in the app process: no 20 GB save, no page cache in the way)")
     ap.add_argument("--cache-dir", type=Path, required=True)
-    ap.add_argument("--runs", default="cold,warm", help="comma-separated: cold (empty the cache first) or warm")
+    ap.add_argument("--runs", default="cold,warm",
+                    help="comma-separated: cold (empty the cache first), warm, or stale (truncate saved artifacts)")
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--out", type=Path, default=Path("coldstart.json"))
     ap.add_argument("--log-dir", type=Path, default=Path("."), help="where each run's app log is left")
@@ -70,7 +76,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     args.log_dir.mkdir(parents=True, exist_ok=True)
     report = {"app_args": args.app_args, "runs": []}
-    if not (args.model_dir / "model_index.json").is_file():
+    if args.model is None and not (args.model_dir / "model_index.json").is_file():
         report["saved_random_full_s"] = round(save_random_full(args.model_dir), 1)
         print(f"saved random-full to {args.model_dir} in {report['saved_random_full_s']} s", flush=True)
     for label in args.runs.split(","):

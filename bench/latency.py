@@ -7,6 +7,9 @@ A variant is '+'-joined tokens:
     eager | compiled (the engine's own regional compile) | compiled-dyn (dynamic=True) | compiled-mat
         (max-autotune-no-cudagraphs)
     native | cudnn | flash | efficient | fa3 | fa2     attention backend (diffusers names _native_cudnn, ...)
+    fa4        FlashAttention-4 through the project's processor (zimage/fastattn.py)
+    rope / norope, vaec / novaec, cg / nocg    speed switches (zimage/speed.py Switches: real_rope,
+               vae_compile, block_graphs); unnamed switches keep their defaults (ZIMAGE_SPEED for the process)
     fp8        torchao fp8 rowwise transformer (embedders, final layer, adaLN kept bf16)
     tec        compile the text encoder's layers too (regional); teg: the same with CUDA graphs
     nocleanup  skip the per-request cache release (to measure what it costs)
@@ -46,13 +49,15 @@ PROMPT = ("A cinematic photograph of a young woman in a red Hanfu with intricate
           "texture, volumetric light, rain puddles reflecting signs, 8k")
 BF16_PEAK_TFLOPS = 798.0  # 8192^3 bf16 matmul measured on the device H100 (docs/PERFORMANCE.md)
 ATTENTION = {"native": "native", "cudnn": "_native_cudnn", "flash": "_native_flash", "efficient": "_native_efficient",
-             "fa3": "_flash_3", "fa2": "flash"}
+             "fa3": "_flash_3", "fa2": "flash", "fa4": "fa4"}
+SWITCH_TOKENS = {"rope": "real_rope", "vaec": "vae_compile", "cg": "block_graphs"}
 
 
 def parse_variant(spec: str) -> dict:
     spec, _, shapes = spec.partition("@")
     tokens = spec.split("+")
-    v = {"name": spec, "shapes": shapes.replace(";", ",") or None, "compile": None, "attention": "native", "fp8": False, "tec": False, "cleanup": True}
+    v = {"name": spec, "shapes": shapes.replace(";", ",") or None, "compile": None, "attention": "native", "fp8": False,
+         "tec": False, "cleanup": True, "switches": []}
     for tok in tokens:
         if tok in ("eager", "compiled", "compiled-dyn", "compiled-mat"):
             v["compile"] = None if tok == "eager" else tok
@@ -64,6 +69,10 @@ def parse_variant(spec: str) -> dict:
             v["tec"] = tok
         elif tok == "nocleanup":
             v["cleanup"] = False
+        elif tok in SWITCH_TOKENS:
+            v["switches"].append("+" + SWITCH_TOKENS[tok])
+        elif tok.startswith("no") and tok[2:] in SWITCH_TOKENS:
+            v["switches"].append("-" + SWITCH_TOKENS[tok[2:]])
         else:
             raise SystemExit(f"unknown variant token {tok!r} in {spec!r}")
     return v
@@ -73,6 +82,8 @@ def make_engine(args, v) -> tuple[Engine, float]:
     settings = Settings(model=args.model, device=args.device, attention=v["attention"],
                         compile="on" if v["compile"] == "compiled" else "off", fp8="on" if v["fp8"] else "off",
                         memory_profile="full", embed_cache=0, warmup="off", cache_dir=Path(args.cache_dir))
+    base = os.environ.setdefault("ZIMAGE_SPEED_BASE", os.environ.get("ZIMAGE_SPEED", ""))
+    os.environ["ZIMAGE_SPEED"] = ",".join(filter(None, [base, *v["switches"]]))
     t0 = time.perf_counter()
     engine = Engine.create(settings)
     if v["compile"] in ("compiled-dyn", "compiled-mat"):
@@ -80,7 +91,7 @@ def make_engine(args, v) -> tuple[Engine, float]:
         speed.compile_transformer(engine.pipeline.transformer, dynamic=True if v["compile"] == "compiled-dyn" else None,
                                   mode="max-autotune-no-cudagraphs" if v["compile"] == "compiled-mat" else None)
         engine.compiled = True
-    if v["tec"]:
+    if v["tec"] == "teg" or (v["tec"] and not settings.compile_enabled()):  # the engine compiles it when on
         speed.compile_text_encoder(engine.pipeline.text_encoder, mode="reduce-overhead" if v["tec"] == "teg" else None)
     engine.release_after_request = v["cleanup"]
     return engine, time.perf_counter() - t0  # still warming: mark_ready after the first calls, as the app does
@@ -89,6 +100,20 @@ def make_engine(args, v) -> tuple[Engine, float]:
 def run(engine: Engine, request: GenerationRequest, keep_latents: bool = False):
     job = engine.resolve(request)
     return engine.generate(dataclasses.replace(job, keep_latents=keep_latents))
+
+
+def compile_stats() -> dict:
+    """Dynamo/AOT/Inductor counters and phase times so far in this process (where compile time goes)."""
+    try:
+        from torch._dynamo.utils import counters
+
+        stats = {group: dict(values) for group, values in counters.items()
+                 if group in ("stats", "inductor", "aot_autograd", "recompiles", "graph_break")}
+        stats = {g: {k: v for k, v in d.items() if "cache" in k or g in ("stats", "recompiles", "graph_break")}
+                 for g, d in stats.items()}
+        return stats
+    except Exception as exc:  # noqa: BLE001 - diagnostics only
+        return {"error": repr(exc)}
 
 
 def count_flops(engine: Engine, request: GenerationRequest) -> dict:
@@ -108,7 +133,8 @@ def summarize(values: list[float]) -> dict:
 
 
 def run_variant(args, spec: str, flops_cache: dict, reference: dict, results: list, out: Path,
-                services: list) -> Engine | None:
+                services: list, profiles: list | None = None) -> Engine | None:
+    profiles = [] if profiles is None else profiles
     v = parse_variant(spec)
     spec = v["name"]
     engine, load_s = make_engine(args, v)
@@ -119,17 +145,29 @@ def run_variant(args, spec: str, flops_cache: dict, reference: dict, results: li
     warm = engine.warm_up([(tier, aspect, None) for tier, aspect in split])
     firsts = {shape: (run(engine, GenerationRequest(PROMPT, preset=tier, aspect=aspect, seed=1234), keep_latents=True),
                       entry["seconds"]) for shape, (tier, aspect), entry in zip(shapes, split, warm)}
+    compiled_stats = compile_stats()
     for shape in shapes:
         tier, aspect = shape.split(":", 1)
         request = GenerationRequest(PROMPT, preset=tier, aspect=aspect, seed=1234)
         first, first_s = firsts[shape]
         if shape not in flops_cache:
-            flops_cache[shape] = count_flops(engine, request)
+            flops_cache[shape] = {"total": 0, "by_module": {}} if args.skip_flops else count_flops(engine, request)
         rows, walls = [], []
         for i in range(args.runs):
             t = time.perf_counter()
             rows.append(run(engine, GenerationRequest(PROMPT, preset=tier, aspect=aspect, seed=1234 + i)))
             walls.append(time.perf_counter() - t)  # what a caller waits: stages + cleanup
+        graphed = getattr(engine.pipeline.transformer, "layers", None)
+        nocg = None
+        if hasattr(graphed, "enabled") and graphed.enabled:  # cg: the same engine with the graphs off (A/B)
+            graphed.enabled = False
+            nocg_walls = []
+            for i in range(args.runs):
+                t = time.perf_counter()
+                run(engine, GenerationRequest(PROMPT, preset=tier, aspect=aspect, seed=1234 + i))
+                nocg_walls.append(time.perf_counter() - t)
+            graphed.enabled = True
+            nocg = {k: round(x, 4) for k, x in summarize(nocg_walls).items()}
         png = []
         for r in rows[:3]:
             t = time.perf_counter()
@@ -157,6 +195,9 @@ def run_variant(args, spec: str, flops_cache: dict, reference: dict, results: li
             "flops": flops, "flops_by_module": flops_cache[shape]["by_module"],
             "achieved_tflops": round(flops / e2e["median"] / 1e12, 1),
             "floor_s_at_bf16_peak": round(flops / (BF16_PEAK_TFLOPS * 1e12), 4),
+            "describe": engine.describe(), "compile_stats": compiled_stats, "e2e_s_graphs_off": nocg,
+            "graphs": ({"captures": graphed.captures, "replays": graphed.replays} if hasattr(graphed, "captures")
+                       else None),
             "nonfinite": any("non-finite" in w for r in rows + [first] for w in r.warnings)
             or not bool(torch.isfinite(latents).all()) or engine.stats.nonfinite_images > 0,
         }
@@ -176,6 +217,21 @@ def run_variant(args, spec: str, flops_cache: dict, reference: dict, results: li
                                    "service": services}, indent=1))
         print(json.dumps({k: entry[k] for k in ("variant", "shape", "e2e_s", "per_step_ms", "text_encode_s",
                                                 "first_call_s", "peak_vram_gib")}), flush=True)
+    if args.profile_out:  # the same engine, already compiled: one profiled generation of the first shape
+        from bench.gpu_profile import profile_generation, table as profile_table
+
+        tier, aspect = shapes[0].split(":", 1)
+        row = {"variant": spec, "shape": shapes[0], "describe": engine.describe()}
+        try:
+            trace = Path(args.trace_dir) / (spec.replace("+", "_") + ".json.gz") if args.trace_dir else None
+            row["profile"] = profile_generation(engine, GenerationRequest(PROMPT, preset=tier, aspect=aspect, seed=99),
+                                                trace_path=trace)
+        except Exception as exc:  # noqa: BLE001 - keep the timings
+            row["profile_error"] = repr(exc)[:500]
+        profiles.append(row)
+        Path(args.profile_out).write_text(json.dumps({"device": device_name(), "torch": torch.__version__,
+                                                      "results": profiles}, indent=1))
+        print(profile_table([row]), flush=True)
     if spec == args.service_variant.partition("@")[0]:
         service = {"variant": spec, "shape": "Standard:1:1", **service_and_cleanup(engine, args, args.service_runs)}
         print(json.dumps(service), flush=True)
@@ -275,13 +331,16 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="latency.json")
     ap.add_argument("--service-variant", default="", help="also time the HTTP API and cleanup on this variant")
     ap.add_argument("--service-runs", type=int, default=6)
+    ap.add_argument("--profile-out", default="", help="also profile one generation per variant (bench/gpu_profile.py)")
+    ap.add_argument("--trace-dir", default="", help="with --profile-out: chrome traces (.json.gz) here")
+    ap.add_argument("--skip-flops", action="store_true", help="do not count FLOPs (saves one eager generation)")
     args = ap.parse_args(argv)
     out = Path(args.out)
-    results, flops_cache, reference, services = [], {}, {}, []
+    results, flops_cache, reference, services, profiles = [], {}, {}, [], []
     for spec in args.variants.split(","):
         engine = None
         try:
-            engine = run_variant(args, spec, flops_cache, reference, results, out, services)
+            engine = run_variant(args, spec, flops_cache, reference, results, out, services, profiles)
         except Exception as exc:  # keep going: one broken variant must not lose the others' numbers
             print(f"variant {spec} failed: {exc!r}"[:500], flush=True)
             results_note = {"variant": spec, "error": repr(exc)[:500]}

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import loading, memory, speed, warmup
+from . import compile_cache, loading, memory, speed, warmup
 from .interface import EngineState, EngineStatus, ProgressFn
 from .request import (GenerationCancelled, GenerationRequest, GenerationResult, Job,
                       OutOfMemory, RequestError, resolve)
@@ -105,6 +105,8 @@ class Engine:
         self.usable_gib: float | None = None
         self.fp8 = False
         self.compiled = False
+        self.speed_switches: list[str] = []  # speed.apply_switches: what else was switched on (VAE compile, ...)
+        self._compile_cache = None  # compile_cache.prepare's handle: saved compiled artifacts for these settings
         # Cache release after every request (gc + empty_cache). Off only to measure what it costs.
         self.release_after_request = True
         self._state, self._detail = EngineState.LOADING, ""
@@ -126,6 +128,7 @@ class Engine:
             "dtype": str(self.dtype).replace("torch.", ""),
             "attention": self.attention_backend,
             "compiled": self.compiled,
+            "speed_switches": self.speed_switches,
             "fp8": self.fp8,
             "memory_profile": self.placement.profile.name if self.placement else None,
             "usable_gib": round(self.usable_gib, 1) if self.usable_gib else None,
@@ -181,11 +184,14 @@ class Engine:
             speed.apply_attention_backend(pipe.transformer, self.attention_backend)
             if self.settings.compile_enabled():
                 speed.use_compile_cache(self.settings.cache_dir / "inductor")
+                # Saved artifacts for exactly these settings go in before anything compiles (compile_cache.py).
+                self._compile_cache = compile_cache.prepare(self.settings.cache_dir, compile_cache.engine_fields(self))
                 if not self.placement.profile.transformer_streamed:  # offload hooks and compile do not mix
                     speed.compile_transformer(pipe.transformer)
                     self.compiled = True
                 if not self.placement.profile.text_encoder_streamed:
                     speed.compile_text_encoder(pipe.text_encoder)
+            self.speed_switches = speed.apply_switches(pipe, self.device, self.compiled, self.placement.profile.name)
             self.stages = Stages(pipe, self.placement, self.device, self.settings.embed_cache, self._note_oom,
                                  self.stats)
         except Exception as exc:
@@ -212,6 +218,7 @@ class Engine:
     def mark_ready(self, warm_report: list[dict] | None = None) -> None:
         if self._state is EngineState.WARMING:
             self._warm_report = tuple(warm_report or ())
+            compile_cache.store(self._compile_cache)  # after warm-up: what it compiled
             # Compiled graphs leave ~10^6 long-lived objects; a full gc.collect() walking them took 0.5 s per
             # request on the H100 host (49 % of a Standard generation). Freezing them after warm-up keeps the
             # per-request collection to what the request itself created.

@@ -86,13 +86,13 @@ def _device(raw: str) -> str:
 
 def _attention(raw: str) -> str:
     value = raw.strip()
-    if value == "auto":
+    if value in ("auto", "fa4"):  # fa4: FlashAttention-4 through the project's processor (zimage/fastattn.py)
         return value
     from diffusers.models.attention_dispatch import AttentionBackendName
 
     names = [b.value for b in AttentionBackendName]
     if value not in names:
-        raise ValueError(f"allowed values: auto, {', '.join(names)}")
+        raise ValueError(f"allowed values: auto, fa4, {', '.join(names)}")
     return value
 
 
@@ -157,7 +157,7 @@ OPTIONS: tuple[Option, ...] = (
            "a Hugging Face id, or a local folder saved by save_pretrained"),
     Option("device", _device, "auto (cuda if available), cpu, cuda, cuda:N"),
     Option("dtype", _dtype, "auto (bf16 on CUDA, fp32 on CPU), bf16, fp32"),
-    Option("attention", _attention, "attention backend: auto (fastest available) or a diffusers backend name"),
+    Option("attention", _attention, "attention backend: auto (fastest available), fa4 (flash-attn-4) or a diffusers backend name"),
     Option("compile", _choice(ON_OFF_AUTO), "regional torch.compile of the transformer: auto (on for CUDA)"),
     Option("fp8", _choice(ON_OFF_AUTO),
            "fp8 rowwise transformer weights via torchao: auto (on where compute capability >= 8.9 and dtype is bf16)"),

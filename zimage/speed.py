@@ -6,8 +6,10 @@ and produced NaN pixels on the H100; docs/PERFORMANCE.md).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
+import os
 
 import torch
 
@@ -18,14 +20,75 @@ log = logging.getLogger("zimage.speed")
 FP8_EXCLUDED = ("t_embedder", "cap_embedder", "all_x_embedder", "all_final_layer", "adaLN")
 
 
+@dataclasses.dataclass(frozen=True)
+class Switches:
+    """Speed switches beyond the Settings flags, each measured in docs/PERFORMANCE.md (2026-11-24).
+
+    real_rope   project attention processor with real-valued RoPE (fastattn.py); any device
+    vae_compile channels-last VAE + torch.compile(vae.decoder) when compiling (CUDA); tiled decode stays eager
+    block_graphs the 30 main transformer blocks replayed as one CUDA graph per shape (cudagraph.py); CUDA,
+                `full` memory profile, compiled transformer
+    Defaults (measured, H100 2026-11-24, bf16): real_rope on (-3.2 ms/step), vae_compile on (decode 108 -> 45 ms),
+    block_graphs off (bf16 0.916 vs 0.914 s with the graphs off in the same engine: kernel-bound; fp8, where
+    it was meant to pay, could not be measured this session). Defaults come from DEFAULT_SWITCHES; ZIMAGE_SPEED="-real_rope,+block_graphs" (comma-separated, + or -
+    before a name) overrides them for a process (benchmarks and experiments)."""
+
+    real_rope: bool = True
+    vae_compile: bool = True
+    block_graphs: bool = False
+
+    @classmethod
+    def parse(cls, spec: str, base: "Switches | None" = None) -> "Switches":
+        values = dataclasses.asdict(base or cls())
+        for token in filter(None, (t.strip() for t in spec.split(","))):
+            on = not token.startswith("-")
+            name = token.lstrip("+-")
+            if name not in values:
+                raise ValueError(f"unknown speed switch {name!r} in ZIMAGE_SPEED; known: {', '.join(values)}")
+            values[name] = on
+        return cls(**values)
+
+
+DEFAULT_SWITCHES = Switches()
+
+
+def switches() -> Switches:
+    return Switches.parse(os.environ.get("ZIMAGE_SPEED", ""), DEFAULT_SWITCHES)
+
+
+def flash_attn_2_available() -> bool:
+    """FlashAttention-2 (diffusers backend "flash") is installed: its interface module, not just a `flash_attn`
+    namespace (flash-attn-4 installs `flash_attn.cute` only, and picking "flash" then failed at first use)."""
+    try:
+        return (importlib.util.find_spec("flash_attn") is not None
+                and importlib.util.find_spec("flash_attn.flash_attn_interface") is not None)
+    except (ImportError, ValueError):  # a namespace without __init__, or a broken install
+        return False
+
+
+def flash_attn_3_available() -> bool:
+    try:
+        return importlib.util.find_spec("flash_attn_interface") is not None  # FlashAttention 3 (Hopper) wheel
+    except (ImportError, ValueError):
+        return False
+
+
 def available_attention_backends(device: str) -> list[str]:
-    """Backends worth trying on this machine, fastest first by the H100 measurements in docs/PERFORMANCE.md."""
+    """Backends `auto` chooses from, first = chosen, by the H100 measurements in docs/PERFORMANCE.md.
+
+    On Hopper: FA3 when its wheel is installed, then SDPA `native`, which picks cuDNN there (and, with the
+    project's real-RoPE processor, gets q/k in the layout cuDNN reads without copies). FlashAttention-2 is
+    *slower* than SDPA's cuDNN kernel on an H100 (0.82 vs 0.44 ms per block), so it is only offered below sm90,
+    and only when FA2 itself is installed (not just a `flash_attn` namespace). FlashAttention-4 (`fa4`) is
+    opt-in (`--attention fa4`): 5 % faster than cuDNN in a kernel micro-benchmark, not yet measured in the
+    engine, so `auto` does not pick it."""
     if not device.startswith("cuda"):
         return ["native"]
     names = []
-    if importlib.util.find_spec("flash_attn_interface") is not None:  # FlashAttention 3 (Hopper)
+    major = torch.cuda.get_device_capability(torch.device(device))[0] if torch.cuda.is_available() else 0
+    if major >= 9 and flash_attn_3_available():
         names.append("_flash_3")
-    if importlib.util.find_spec("flash_attn") is not None:
+    if major < 9 and flash_attn_2_available():
         names.append("flash")
     names += ["native", "_native_cudnn", "_native_flash", "_native_efficient"]
     return names
@@ -37,8 +100,18 @@ def choose_attention_backend(requested: str, device: str) -> str:
     return available_attention_backends(device)[0]
 
 
-def apply_attention_backend(transformer, backend: str) -> None:
-    if backend == "native":
+def apply_attention_backend(transformer, backend: str, real_rope: bool | None = None) -> None:
+    """Set the attention backend; with real-valued RoPE (default on, see fastattn.py) the project's processor
+    is installed first. `fa4` needs that processor (it is where the BSHD FlashAttention-4 call lives)."""
+    from . import fastattn
+
+    if real_rope is None:
+        real_rope = switches().real_rope
+    if backend == fastattn.FA4 and not fastattn.fa4_importable():
+        raise RuntimeError("--attention fa4 needs flash-attn-4 (pip install flash-attn-4); use --attention auto")
+    if real_rope or backend == fastattn.FA4:
+        fastattn.install(transformer, use_fa4=backend == fastattn.FA4)
+    if backend in ("native", fastattn.FA4):
         return  # diffusers' default; set_attention_backend would only log an 'experimental' warning
     transformer.set_attention_backend(backend)
 
@@ -100,14 +173,71 @@ def use_compile_cache(folder) -> None:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
 
 
+def has_fp8_weights(module: torch.nn.Module) -> bool:
+    """True if torchao replaced any Linear weight by an fp8 tensor subclass."""
+    return any(type(getattr(m, "weight", None)).__module__.startswith("torchao") for m in module.modules())
+
+
 def compile_transformer(transformer, dynamic: bool | None = None, mode: str | None = None) -> None:
-    """Regional compile: each repeated ZImageTransformerBlock is compiled once and reused (21 s vs minutes)."""
+    """Regional compile: each repeated ZImageTransformerBlock is compiled once and reused (21 s vs minutes).
+
+    dynamic (None = decide): bf16 compiles shape-generic up front. The sequence length (image tokens + caption
+    padded to 32) differs per preset and prompt, and Dynamo turned the first static graph dynamic at the second
+    length anyway, so every request after warm-up ran the dynamic graph; measured on the H100 (2026-11-24,
+    bf16): 98.7 ms/step either way. fp8 keeps the old static-then-dynamic path: its block compiles took minutes
+    each in this session's runs and the dynamic-up-front variant was not shown to be faster there."""
+    if dynamic is None:
+        dynamic = None if has_fp8_weights(transformer) else True
     transformer.compile_repeated_blocks(fullgraph=True, dynamic=dynamic, mode=mode)
 
 
 def compile_text_encoder(text_encoder, mode: str | None = None) -> None:
     """Regional compile of the text encoder's decoder layers (the engine pads prompts to 64-token buckets, so
     they see a few lengths; warm-up shows them two). Eager it is launch-bound (58-81 ms where the math needs
-    ~5 ms); compiling the whole 36-layer model instead took ~4 minutes on the H100."""
+    ~5 ms); compiling the whole 36-layer model instead took ~4 minutes on the H100.
+
+    The KV cache is turned off first: with it, transformers hands every layer its own cache-layer object, and
+    Dynamo guarded on each one -- 35 recompiles of the same layer (H100 log, 2026-11-24), and every call then
+    walked 36 guard sets. The pipeline reads hidden states once; it never needs a cache."""
+    if hasattr(text_encoder, "config"):
+        text_encoder.config.use_cache = False
     for layer in text_encoder.layers:
         layer.compile(mode=mode)
+
+
+def compile_vae_decoder(vae) -> None:
+    """channels-last VAE and a compiled decoder: GroupNorm and the convolutions' NCHW<->NHWC conversions
+    were 57 of the 100 ms eager decode on the H100 (measured 101.7 -> 48.2 ms, 2026-11-24).
+
+    Tiled decode (Ultra, and the engine's OOM fallback) calls the same decoder on tiles of other sizes; it runs
+    eagerly (`force_eager`), so tiles never trigger compiles and use no extra compile memory."""
+    vae.to(memory_format=torch.channels_last)
+    vae.decoder.compile()
+    if getattr(vae, "_zimage_tiled_eager", False):
+        return
+    tiled_decode = vae.tiled_decode
+
+    def tiled_decode_eager(*args, **kwargs):
+        with torch.compiler.set_stance("force_eager"):
+            return tiled_decode(*args, **kwargs)
+
+    vae.tiled_decode = tiled_decode_eager
+    vae._zimage_tiled_eager = True
+
+
+def apply_switches(pipe, device: str, compiled: bool, profile: str, sw: Switches | None = None) -> list[str]:
+    """The switches that act after compile was set up (VAE compile, block graphs). Returns what was applied,
+    for the log and describe(). Real RoPE is applied with the attention backend (apply_attention_backend)."""
+    sw = sw or switches()
+    applied = []
+    on_gpu = device.startswith("cuda")
+    # `full` only: the compiled decoder's peak was 38.6 GiB at 1024^2 vs 21.5 GiB eager (H100, 2026-11-24).
+    if sw.vae_compile and compiled and on_gpu and profile == "full":
+        compile_vae_decoder(pipe.vae)
+        applied.append("vae_compile")
+    if sw.block_graphs and compiled and on_gpu and profile == "full":
+        from . import cudagraph
+
+        cudagraph.install(pipe.transformer)
+        applied.append("block_graphs")
+    return applied

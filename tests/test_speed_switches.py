@@ -1,0 +1,127 @@
+"""Speed switches (zimage/speed.py, zimage/cudagraph.py) that can be checked without a GPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import types
+
+import pytest
+import torch
+
+from zimage import cudagraph, fastattn, speed, tiny
+
+
+def test_switches_parse_and_env(monkeypatch):
+    assert speed.Switches.parse("") == speed.DEFAULT_SWITCHES
+    sw = speed.Switches.parse("-real_rope,+block_graphs")
+    assert not sw.real_rope and sw.block_graphs and sw.vae_compile
+    with pytest.raises(ValueError, match="unknown speed switch"):
+        speed.Switches.parse("+warp_drive")
+    monkeypatch.setenv("ZIMAGE_SPEED", "-vae_compile")
+    assert not speed.switches().vae_compile
+
+
+def test_flash_attn_namespace_alone_is_not_fa2(monkeypatch):
+    """flash-attn-4 installs `flash_attn.cute` only: `auto` must not pick diffusers' FA2 backend for it."""
+    real_find_spec = importlib.util.find_spec
+
+    def fake_find_spec(name, *args):
+        if name == "flash_attn":
+            return types.SimpleNamespace(name="flash_attn")  # the namespace exists...
+        if name == "flash_attn.flash_attn_interface":
+            return None  # ...but not FA2's interface
+        return real_find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec)
+    assert not speed.flash_attn_2_available()
+    assert speed.available_attention_backends("cpu") == ["native"]
+    assert speed.choose_attention_backend("auto", "cpu") == "native"
+    assert speed.choose_attention_backend("_native_cudnn", "cpu") == "_native_cudnn"
+
+
+def test_fa4_absent_on_this_machine_is_handled():
+    if not fastattn.fa4_importable():
+        assert not fastattn.fa4_supported("cuda")
+        with pytest.raises(RuntimeError, match="flash-attn-4"):
+            speed.apply_attention_backend(types.SimpleNamespace(), "fa4")
+
+
+def test_settings_accept_fa4():
+    from zimage.settings import Settings
+
+    assert Settings.load(["--attention", "fa4"]).attention == "fa4"
+
+
+def test_compiled_vae_keeps_tiled_decode_working(monkeypatch):
+    """Tiled decode runs the decoder eagerly (force_eager) and gives the same pixels as before."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**{**tiny.VAE, "sample_size": 64}).eval()
+    latents = torch.randn(1, 16, 24, 24)
+    vae.enable_tiling()
+    with torch.no_grad():
+        reference = vae.decode(latents).sample
+    compiled = []
+    monkeypatch.setattr(vae.decoder, "compile", lambda *a, **k: compiled.append(True))
+    stances = []
+    real_stance = torch.compiler.set_stance
+    monkeypatch.setattr(torch.compiler, "set_stance", lambda s, **k: stances.append(s) or real_stance(s, **k))
+    speed.compile_vae_decoder(vae)
+    speed.compile_vae_decoder(vae)  # idempotent: tiled decode wrapped once
+    with torch.no_grad():
+        out = vae.decode(latents).sample
+    assert compiled and stances == ["force_eager"]
+    assert torch.allclose(out, reference, atol=1e-5)
+    assert vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_apply_switches_cpu_does_nothing():
+    pipe = types.SimpleNamespace(vae=None, transformer=None)
+    assert speed.apply_switches(pipe, "cpu", compiled=True, profile="full",
+                                sw=speed.Switches(block_graphs=True)) == []
+
+
+def test_graphed_blocks_keep_modules_and_fall_back_on_cpu():
+    from diffusers import ZImageTransformer2DModel
+
+    torch.manual_seed(0)
+    model = ZImageTransformer2DModel(**tiny.TRANSFORMER).eval()
+    keys = list(model.state_dict())
+    x = [torch.randn(16, 1, 16, 16)]
+    cap = [torch.randn(9, tiny.TRANSFORMER["cap_feat_dim"])]
+    t = torch.tensor([0.5])
+    with torch.no_grad():
+        reference = model(x, t, cap, return_dict=False)[0][0]
+    graphed = cudagraph.install(model)
+    assert cudagraph.install(model) is graphed and list(model.state_dict()) == keys
+    assert len(list(iter(graphed))) == len(model.layers)  # no CUDA: plain iteration
+    with torch.no_grad():
+        out = model(x, t, cap, return_dict=False)[0][0]
+    assert torch.equal(out, reference) and graphed.captures == 0
+    cudagraph.uninstall(model)
+    assert type(model.layers) is torch.nn.ModuleList and list(model.state_dict()) == keys
+
+
+def test_compile_transformer_dynamic_for_bf16_static_first_for_fp8():
+    calls = []
+
+    class Fake(torch.nn.Module):
+        def __init__(self, weight_type=None):
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 2)
+            if weight_type is not None:
+                self.lin.weight = weight_type
+
+        def compile_repeated_blocks(self, **kwargs):
+            calls.append(kwargs["dynamic"])
+
+    speed.compile_transformer(Fake())
+    assert calls == [True]
+    assert not speed.has_fp8_weights(Fake())
+    FakeFp8 = type("Float8Tensor", (torch.nn.Parameter,), {"__module__": "torchao.quantization"})
+    fp8 = Fake(FakeFp8(torch.zeros(2, 2)))
+    assert speed.has_fp8_weights(fp8)
+    speed.compile_transformer(fp8)
+    speed.compile_transformer(Fake(), dynamic=False)
+    assert calls == [True, None, False]
