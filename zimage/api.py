@@ -101,6 +101,18 @@ def parse_generation_body(body) -> tuple[GenerationRequest, str]:
     return request, output_format.lower()
 
 
+async def parse_json_body(request: Request) -> tuple[GenerationRequest, str, dict]:
+    raw = await request.body()  # its size was limited while it was read (security.py)
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the request body is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply to parse") from None
+    gen_request, output_format = parse_generation_body(body)
+    return gen_request, output_format, body
+
+
 def in_api_terms(exc: RequestError, body: dict) -> RequestError:
     """The engine's field names in the client's: width/height came from `size`, the preset is `quality`."""
     if exc.param in ("width", "height") and body.get("size") not in (None, "auto"):
@@ -161,42 +173,36 @@ def install(app: FastAPI, *, engine, queue, store, metrics, settings) -> None:
             raise ApiError(404, f"no such documentation asset: {name!r}")
         return FileResponse(docs_assets[name])
 
-    @router.post("/v1/images/generations", openapi_extra={"requestBody": {
-        "required": True, "content": {"application/json": {"schema": ImagesGenerationBody.model_json_schema()}}}})
-    async def generations(request: Request):
+    async def serve(request: Request, route: str, parse) -> JSONResponse | dict:
+        """The one path of both image routes: parse, cheap checks (a mistake is a 400 even when the queue is
+        full), engine state, a place in the one queue, engine.resolve off the event loop (it tokenizes), the
+        run (a disconnected client cancels it), then encode, save and answer. `parse(request)` gives
+        (GenerationRequest, output format, the client's fields for error names)."""
         check_auth(request)
-        route = "openai"
 
         def refuse(outcome: Outcome) -> JSONResponse:
             metrics.observe_outcome(outcome.status, route)
             return outcome_response(outcome)
 
+        fields: dict = {}
         try:
-            raw = await request.body()  # its size was limited while it was read (security.py)
-            try:
-                body = json.loads(raw)
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise ApiError(400, f"the request body is not valid JSON ({exc})") from None
-            except RecursionError:
-                raise ApiError(400, "the request body is nested too deeply to parse") from None
-            gen_request, output_format = parse_generation_body(body)
-            requests.resolve(gen_request)  # cheap checks first: a mistake is a 400 even when the queue is full
+            gen_request, output_format, fields = await parse(request)
+            await asyncio.to_thread(requests.resolve, gen_request)  # decodes edit inputs: off the event loop
             engine.status().check()
             ticket = queue.admit()
         except ApiError as exc:
             metrics.observe_outcome("invalid", route)
             return error_response(exc.status, exc.message, exc.type, exc.param, headers=exc.headers)
         except RequestError as exc:
-            return refuse(outcome_of(in_api_terms(exc, body)))
+            return refuse(outcome_of(in_api_terms(exc, fields)))
         except (EngineError, QueueFull) as exc:
             return refuse(outcome_of(exc))
 
         try:
-            # Off the event loop and after admission: tokenizing a long prompt takes milliseconds.
             job = await asyncio.to_thread(engine.resolve, gen_request)
         except RequestError as exc:
             queue.leave(ticket)
-            return refuse(outcome_of(in_api_terms(exc, body)))
+            return refuse(outcome_of(in_api_terms(exc, fields)))
         try:
             work = asyncio.ensure_future(queue.run(ticket, job))
             while not work.done():
@@ -222,13 +228,23 @@ def install(app: FastAPI, *, engine, queue, store, metrics, settings) -> None:
         save_problem = store.problem(png_bytes)
         if save_problem:
             warnings.append(f"images are not being saved to the outputs folder: {save_problem}")
+        task = ({"task": result.task, "strength": result.strength, "input_sha256": result.input_sha256}
+                if job.task != "text-to-image" else {})
         return {"created": int(time.time()), "data": data, "output_format": output_format,
                 "size": f"{result.width}x{result.height}", "quality": result.preset,
-                "zimage": {"seeds": result.seeds, "steps": result.steps, "timings": result.timings,
+                "zimage": {**task, "seeds": result.seeds, "steps": result.steps, "timings": result.timings,
                            "peak_vram_bytes": result.peak_vram_bytes, "warnings": warnings}}
 
-    install_edits(router, engine=engine, queue=queue, store=store, metrics=metrics, settings=settings,
-                  check_auth=check_auth)
+    @router.post("/v1/images/generations", openapi_extra={"requestBody": {
+        "required": True, "content": {"application/json": {"schema": ImagesGenerationBody.model_json_schema()}}}})
+    async def generations(request: Request):
+        return await serve(request, "openai", parse_json_body)
+
+    @router.post("/v1/images/edits", openapi_extra={"requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": ImagesEditForm.model_json_schema()}}}})
+    async def edits(request: Request):
+        return await serve(request, "openai_edit", parse_edit_form)
+
     app.include_router(router)
 
     @app.exception_handler(ApiError)
@@ -348,66 +364,3 @@ async def parse_edit_form(request: Request) -> tuple[GenerationRequest, str, dic
     return (dataclasses.replace(base, aspect=fields.get("aspect"), n=fields.get("n", 1), image=image, mask=mask,
                                 strength=fields.get("strength")), output_format, fields)
 
-
-def install_edits(router: APIRouter, *, engine, queue, store, metrics, settings, check_auth) -> None:
-    """POST /v1/images/edits: admission exactly as /v1/images/generations (cheap checks, engine state, a place
-    in the one queue, engine.resolve off the event loop, outcome_of for every error)."""
-
-    @router.post("/v1/images/edits", openapi_extra={"requestBody": {"required": True, "content": {
-        "multipart/form-data": {"schema": ImagesEditForm.model_json_schema()}}}})
-    async def edits(request: Request):
-        check_auth(request)
-        route = "openai_edit"
-
-        def refuse(outcome: Outcome) -> JSONResponse:
-            metrics.observe_outcome(outcome.status, route)
-            return outcome_response(outcome)
-
-        fields: dict = {}
-        try:
-            gen_request, output_format, fields = await parse_edit_form(request)
-            # Decoding the inputs takes milliseconds to a second: off the event loop, and before admission so a
-            # bad image is a 4xx even when the queue is full.
-            await asyncio.to_thread(requests.resolve, gen_request)
-            engine.status().check()
-            ticket = queue.admit()
-        except ApiError as exc:
-            metrics.observe_outcome("invalid", route)
-            return error_response(exc.status, exc.message, exc.type, exc.param, headers=exc.headers)
-        except RequestError as exc:
-            return refuse(outcome_of(in_api_terms(exc, fields)))
-        except (EngineError, QueueFull) as exc:
-            return refuse(outcome_of(exc))
-
-        try:
-            job = await asyncio.to_thread(engine.resolve, gen_request)
-        except RequestError as exc:
-            queue.leave(ticket)
-            return refuse(outcome_of(in_api_terms(exc, fields)))
-        try:
-            work = asyncio.ensure_future(queue.run(ticket, job))
-            while not work.done():
-                await asyncio.wait({work}, timeout=0.25)
-                if not work.done() and await request.is_disconnected():
-                    ticket.cancel.set()
-            result = work.result()
-        except Exception as exc:
-            outcome = outcome_of(exc)
-            if outcome.status == "error":
-                log.exception("edit failed")
-            return refuse(outcome)
-
-        metrics.observe_result(result, route)
-        data, encoded = await asyncio.to_thread(_encode_all, result, output_format, settings.model)
-        store.save(result, png=encoded if output_format == "png" else None)
-        warnings = list(result.warnings)
-        png_bytes = (sum(len(blob) for blob in encoded) if output_format == "png"
-                     else 3 * result.width * result.height * len(encoded))
-        save_problem = store.problem(png_bytes)
-        if save_problem:
-            warnings.append(f"images are not being saved to the outputs folder: {save_problem}")
-        return {"created": int(time.time()), "data": data, "output_format": output_format,
-                "size": f"{result.width}x{result.height}", "quality": result.preset,
-                "zimage": {"task": result.task, "strength": result.strength, "input_sha256": result.input_sha256,
-                           "seeds": result.seeds, "steps": result.steps, "timings": result.timings,
-                           "peak_vram_bytes": result.peak_vram_bytes, "warnings": warnings}}
