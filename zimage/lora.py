@@ -111,12 +111,28 @@ def short_hash(data: bytes) -> str:
     return hashlib.sha256(data[8 + header:]).hexdigest()[:12]
 
 
+def _fused_qkv(keys) -> bool:
+    return any("attention_qkv." in k or "attention.qkv." in k for k in keys)
+
+
 def _layout(keys) -> str:
+    if any(k.startswith("diffusion_model.") for k in keys) or _fused_qkv(keys):
+        return "comfyui"  # ComfyUI/ai-toolkit prefix, or ComfyUI's own module names (musubi's converter)
     if any(k.startswith("lora_unet_") for k in keys):
         return "kohya"
-    if any(k.startswith("diffusion_model.") for k in keys):
-        return "comfyui"
     return "diffusers"
+
+
+def _drop_zero_ranks(down: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Without the ranks whose column of `up` is exactly zero (they add exactly nothing). diffusers splits a
+    fused qkv LoRA into q, k and v each with all 3r ranks of `down` and its rows of a block-diagonal `up`; this
+    gives each back its own r ranks, bit for bit what a file with separate q, k, v holds."""
+    if up.device.type == "meta":
+        return down, up
+    keep = up.abs().amax(dim=0) != 0
+    if bool(keep.all()) or not bool(keep.any()):
+        return down, up
+    return down[keep], up[:, keep]
 
 
 def _peft_scale(metadata: dict | None, module: str, rank: int) -> float:
@@ -181,6 +197,7 @@ def convert(state_dict: dict, metadata: dict | None, targets: dict[str, tuple[in
         raise LoraError(f"not a LoRA: it holds no lora_A/lora_B or lora_down/lora_up weights (keys like "
                         f"{keys[0][:80]!r}); is it a full model checkpoint?")
     layout = _layout(keys)
+    fused = _fused_qkv(keys)
     alphas_present = any(k.endswith(".alpha") for k in keys)
     from diffusers import ZImagePipeline  # ZImageLoraLoaderMixin.lora_state_dict: every layout diffusers reads
 
@@ -215,6 +232,8 @@ def convert(state_dict: dict, metadata: dict | None, targets: dict[str, tuple[in
                 down, up = down * s_down, up * s_up
         if module.endswith(".attention.qkv"):
             weights.update(_split_fused_qkv(module, down, up))
+        elif fused and re.search(r"\.attention\.to_[qkv]$", module):
+            weights[module] = _drop_zero_ranks(down, up)
         else:
             weights[module] = (down, up)
     if targets is not None:
@@ -308,6 +327,8 @@ class LoraLibrary:
                 raise LoraError(f"the file is {size / 2**30:.1f} GiB; LoRA files are limited to "
                                 f"{MAX_FILE_BYTES >> 30} GiB")
             tensors, metadata = _read_header(path)
+            if _fused_qkv(tensors):  # the ranks of its q, k, v depend on which of its values are zero
+                tensors, metadata = _read_all(path)
             weights, layout = convert(tensors, metadata, targets, rank_limit)
         except LoraError as exc:
             return LoraInfo(name, path.name, size, False, str(exc))
@@ -361,6 +382,16 @@ def _adapter_metadata(file_metadata: dict | None) -> dict | None:
     except ValueError:
         raise LoraError("its adapter metadata (lora_adapter_metadata) is not valid JSON") from None
     return value if isinstance(value, dict) else None
+
+
+def _read_all(path: Path) -> tuple[dict, dict | None]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, _adapter_metadata(f.metadata())
+    except SafetensorError as exc:
+        raise LoraError(f"not a readable safetensors file ({str(exc)[:160]})") from None
 
 
 def _read_header(path: Path) -> tuple[dict, dict | None]:
@@ -502,7 +533,7 @@ class LoraRuntime:
                                    param)
             if not info.ok:
                 raise RequestError(f"LoRA {spec.name!r} cannot be used: {info.error}", param)
-            total += info.rank
+            total += info.rank if spec.scale != 0 else 0
         if total > self.rank:
             raise RequestError(f"these LoRAs have rank {total} together; this server applies up to rank {self.rank} "
                                "at once (--lora-rank): use fewer or lower-rank LoRAs", "loras")
@@ -540,7 +571,9 @@ class LoraRuntime:
             return [dict(r) for r in self._records]
         started = time.perf_counter()
         self._applied = None  # unknown until written: a failure below rewrites everything next time
-        self._write(list(zip(adapters, [spec.scale for spec in specs])) if specs else None)
+        # A LoRA at scale 0 adds exactly nothing: it takes no slot, and a set of only those runs without the branch.
+        pairs = [(a, spec.scale) for a, spec in zip(adapters, specs) if spec.scale != 0]
+        self._write(pairs or None)
         self._applied = key
         self._records = [{"name": a.name, "scale": spec.scale, "hash": a.short_hash, "sha256": a.sha256}
                          for a, spec in zip(adapters, specs)]
