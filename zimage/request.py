@@ -496,6 +496,14 @@ def parse_loras(value: Any) -> tuple[LoraSpec, ...]:
     if isinstance(value, str):
         if len(value) > MAX_PROMPT_CHARS:
             raise RequestError(f"loras is {len(value)} characters; the limit is {MAX_PROMPT_CHARS}", "loras")
+        if value.lstrip().startswith(("[", "{")):  # JSON, as a multipart form field carries it
+            import json
+
+            try:
+                return parse_loras(json.loads(value))
+            except (ValueError, RecursionError):
+                raise RequestError('loras is not valid JSON: send [{"name": "ink", "scale": 0.8}] or "ink:0.8"',
+                                   "loras") from None
         rest, tagged = parse_prompt_loras(value)
         specs = [LoraSpec(s.name, s.scale, "loras") for s in tagged]
         for item in filter(None, (t.strip() for t in re.split(r"[,\n;]", rest))):

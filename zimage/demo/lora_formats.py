@@ -2,8 +2,8 @@
 
     python -m zimage.demo.lora_formats models/tiny-demo-loras/outline.safetensors tests/fixtures/loras
 
-writes, next to a copy of the source (`<name>.safetensors`, diffusers/peft: transformer.<layer>.lora_A/lora_B
-.weight, r and lora_alpha in the metadata):
+reads the source (`<name>.safetensors`, diffusers/peft: transformer.<layer>.lora_A/lora_B.weight, r and
+lora_alpha in the metadata) and writes:
 
     <name>-kohya.safetensors        musubi-tuner / sd-scripts: lora_unet_layers_0_attention_to_q.lora_down.weight,
                                     .lora_up.weight and .alpha (a scalar), layer names with '_' for '.'
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
 import sys
 from pathlib import Path
 
@@ -101,8 +100,6 @@ def main(argv: list[str] | None = None) -> int:
     pairs, alpha, metadata = read_diffusers(args.source)
     args.out.mkdir(parents=True, exist_ok=True)
     name = args.source.name[: -len(".safetensors")]
-    if args.source.resolve() != (args.out / args.source.name).resolve():
-        shutil.copyfile(args.source, args.out / args.source.name)
     for layout, convert in LAYOUTS.items():
         tensors = {k: v.contiguous() for k, v in sorted(convert(pairs, alpha).items())}
         target = args.out / f"{name}-{layout}.safetensors"

@@ -30,7 +30,7 @@ from . import MODEL_DIR, scenes
 from .train import (CaptionEmbeddings, inference_sigmas, lr_at, recent_mean, sample_sigmas, write_checksums,
                     GRID_STEP_COUNTS, SEED)
 
-OUTLINE = 0.3  # band width as a fraction of the shape's radius
+OUTLINE = 0.4  # band width as a fraction of the shape's radius
 TARGETS = ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0",
            "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
 LORA_NAME = "outline"
