@@ -204,7 +204,7 @@ def run_variant(args, spec: str) -> dict:
     entry["finite"] = bool(torch.isfinite(with_a.latents[0]).all())
     entry["lora_stats"] = engine.loras.describe()
     engine.close()
-    del engine
+    engine = None  # noqa: F841 - drop the model before the next variant
     gc.collect()
     torch.compiler.reset()
     if torch.cuda.is_available():

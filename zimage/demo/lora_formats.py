@@ -35,7 +35,7 @@ def read_diffusers(path: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tens
 
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is no dict
     config = json.loads(metadata.get("lora_adapter_metadata", "{}"))
     config = {k.removeprefix("transformer."): v for k, v in config.items()}
     if config.get("rank_pattern") or config.get("alpha_pattern") or config.get("use_rslora"):
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from safetensors.torch import save_file
 
-    pairs, alpha, metadata = read_diffusers(args.source)
+    pairs, alpha, _ = read_diffusers(args.source)
     args.out.mkdir(parents=True, exist_ok=True)
     name = args.source.name[: -len(".safetensors")]
     for layout, convert in LAYOUTS.items():
