@@ -5,7 +5,9 @@ and switch latency, recompilations, peak memory; bf16 and fp8.
     python bench/lora.py --quick --out /tmp/lora-quick.json      # CPU smoke on the tiny demo model (minutes)
 
 A variant is '+'-joined tokens: bf16 | fp8 (torchao rowwise base weights; the LoRA branch stays bf16),
-eager (no compile), rN (slot rank N, default --rank), two (also two LoRAs at once: needs rN >= 2 x --lora-rank).
+merge (--lora-mode merge: LoRAs added into the weights per request instead of the branch; fp8: re-quantized),
+eager (no compile), rN (slot rank N, default --rank), two (also two LoRAs at once: needs rN >= 2 x --lora-rank
+in branch mode).
 Random LoRAs of rank --lora-rank (default 64) are written in diffusers' layout to a temporary LoRA folder,
 over the layers real Z-Image LoRAs train (musubi-tuner, ai-toolkit, diffusers' conversion): attention
 to_q/to_k/to_v/to_out.0 and feed_forward w1/w2/w3 of the 30 main blocks and the 2+2 refiners.
@@ -91,7 +93,7 @@ def request_for(shape: str, steps: int | None, seed: int, loras=None) -> Generat
 
 
 def parse_variant(spec: str, default_rank: int) -> dict:
-    v = {"name": spec, "fp8": False, "compile": True, "slot_rank": default_rank, "two": False}
+    v = {"name": spec, "fp8": False, "compile": True, "slot_rank": default_rank, "two": False, "mode": "branch"}
     for tok in spec.split("+"):
         if tok == "bf16":
             continue
@@ -101,6 +103,8 @@ def parse_variant(spec: str, default_rank: int) -> dict:
             v["compile"] = False
         elif tok == "two":
             v["two"] = True
+        elif tok == "merge":
+            v["mode"] = "merge"
         elif tok.startswith("r") and tok[1:].isdigit():
             v["slot_rank"] = int(tok[1:])
         else:
@@ -114,7 +118,8 @@ def run_variant(args, spec: str) -> dict:
     settings = Settings(model=args.model, device=args.device, dtype=args.dtype,
                         compile="on" if v["compile"] else "off", fp8="on" if v["fp8"] else "off",
                         memory_profile="full" if args.device != "cpu" else "auto", embed_cache=0, warmup="off",
-                        cache_dir=Path(args.cache_dir), lora_dir=folder, lora_rank=v["slot_rank"], max_loras=4)
+                        cache_dir=Path(args.cache_dir), lora_dir=folder, lora_rank=v["slot_rank"], max_loras=4,
+                        lora_mode=v["mode"])
     t0 = time.perf_counter()
     engine = Engine.create(settings)
     load_s = time.perf_counter() - t0
@@ -248,7 +253,7 @@ def main(argv=None) -> int:
                     help="CPU smoke: tiny demo model, compiled on CPU, 256x256, 4 steps, rank 8, 3 runs")
     args = ap.parse_args(argv)
     if args.quick:
-        args.model, args.device, args.dtype, args.variants = "tiny", "cpu", "fp32", "bf16,eager"
+        args.model, args.device, args.dtype, args.variants = "tiny", "cpu", "fp32", "bf16,bf16+merge,eager+two+r16"
         args.shape, args.steps, args.runs, args.lora_rank = "256x256", 4, 3, 8
     results = []
     out = Path(args.out)

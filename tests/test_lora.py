@@ -351,3 +351,28 @@ def test_compiled_engine_never_recompiles_when_loras_switch(compiled_engine):
     generate(compiled_engine, GenerationRequest("a red circle", seed=1, loras="b", width=320, height=256, steps=2))
     assert graphs() == warm, (warm, graphs())
     assert len({v.tobytes() for v in seen.values()}) == 5
+
+
+def test_merge_mode_adds_loras_into_the_weights_and_takes_them_out_exactly(demo_engine, lora_dir, tiny_settings):
+    """--lora-mode merge: W0 + scale * up @ down in the weights per request, W0 back bit for bit without LoRAs;
+    the same picture as the branch (to float rounding), no branch ever runs."""
+    engine = Engine.create(tiny_settings.replace(model="tiny", lora_dir=lora_dir, lora_mode="merge"))
+    engine.mark_ready()
+    assert engine.describe()["lora"]["mode"] == "merge" and engine.loras.slot_bytes == 0
+    originals = {name: w.base.weight.detach().clone() for name, w in engine.loras.wrappers.items()}
+
+    def run(eng, loras):
+        return pixels(generate(eng, GenerationRequest("a black square on the left on a white background", seed=6,
+                                                      loras=loras, **SMALL)))
+
+    plain = run(engine, None)
+    assert np.array_equal(plain, run(demo_engine, None))
+    merged = {spec: run(engine, spec) for spec in ("outline", "speckle:0.5, smear:-1", "wide:0.3")}
+    for spec, image in merged.items():
+        branch = run(demo_engine, spec)
+        assert np.abs(image.astype(int) - branch.astype(int)).max() <= 2, spec  # fp32 sums in another order
+        assert not np.array_equal(image, plain)
+    for spec in ("speckle:0.5, smear:-1", None, "outline", "wide:0.3", None):
+        assert np.array_equal(run(engine, spec), plain if spec is None else merged[spec]), spec
+    assert all(torch.equal(w.base.weight, originals[name]) for name, w in engine.loras.wrappers.items())
+    assert not any(w.active for w in engine.loras.wrappers.values())

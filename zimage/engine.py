@@ -190,7 +190,8 @@ class Engine:
                 memory.apply_memory_limit(self.device, self.settings.gpu_memory_limit)
             self.fp8 = speed.fp8_wanted(self.settings.fp8, self.device, self.dtype)
             self.usable_gib = memory.usable_gib(self.device)
-            lora_gib = lora.reserve_gib(self.settings.lora_rank) if self.settings.loras_enabled() else 0.0
+            lora_gib = (lora.reserve_gib(self.settings.lora_rank, self.settings.lora_mode, self.fp8)
+                        if self.settings.loras_enabled() else 0.0)
             profile = memory.choose_profile(self.settings.memory_profile, self.usable_gib, self.fp8, lora_gib)
             if pipe is None:
                 pipe = loading.load_pipeline(self.settings, build_device=self.device if profile == "full" else "cpu")
@@ -222,13 +223,23 @@ class Engine:
     def _install_loras(self, transformer, profile: str, slots_gib: float) -> None:
         """LoRA slots on the transformer, and the device cache's budget: the setting, or what the profile leaves
         free beside the largest tier (so the 16gb and 12gb profiles keep their margins)."""
+        mode = self.settings.lora_mode
         cache_mib = float(self.settings.lora_cache_mib)
+        if mode == "merge":  # a second copy of every Linear weight stays on the device
+            if self.placement.profile.transformer_streamed:
+                raise RuntimeError("--lora-mode merge needs the transformer resident on the GPU (memory profile full "
+                                   "or 16gb); use --lora-mode branch with this memory profile")
+            slots_gib = lora.weight_bytes(transformer) / 2**30
         if self.usable_gib is not None:
             room = (self.usable_gib - memory.HEADROOM_GIB - slots_gib
                     - max(memory.EXPECTED_PEAK_GIB[(profile, self.fp8)].values()))
+            if room < 0:
+                raise RuntimeError(f"--lora-mode {mode} needs {slots_gib:.1f} GiB beside the model and this GPU has "
+                                   f"{room + slots_gib:.1f} GiB to spare with the {profile} profile: use --lora-mode "
+                                   "branch, a lower --lora-rank, or --lora-rank 0 (LoRAs off)")
             cache_mib = max(0.0, min(cache_mib, room * 1024))
         self.loras = lora.LoraRuntime(self.lora_library, transformer, self.device, self.dtype,
-                                      self.settings.lora_rank, int(cache_mib * 2**20))
+                                      self.settings.lora_rank, int(cache_mib * 2**20), mode=mode)
         self.lora_reserve_gib = (slots_gib + cache_mib / 1024) if self.usable_gib is not None else 0.0
 
     def warm_up(self, shapes: list[warmup.Shape] | None = None) -> list[dict]:
@@ -238,7 +249,8 @@ class Engine:
         report = []
         shapes = shapes if shapes is not None else warmup.shapes_to_warm(self.compiled)
         runs = [(request, False) for request in warmup.requests(shapes)]
-        if self.loras is not None and self.compiled and any(i.ok for i in self.lora_library.listing()):
+        if (self.loras is not None and self.loras.mode == "branch" and self.compiled
+                and any(i.ok for i in self.lora_library.listing())):
             runs += [(dataclasses.replace(request, steps=1), True) for request in warmup.requests(shapes[:2])]
         for request, with_lora in runs:
             t0 = time.perf_counter()

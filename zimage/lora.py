@@ -483,11 +483,14 @@ def turbo_linear_shapes() -> list[tuple[int, int]]:
     return shapes
 
 
-def reserve_gib(rank: int, dtype_bytes: int = 2) -> float:
-    """GPU memory LoRAs need beyond the model for the full-size model: slots plus the branch's activations."""
+def reserve_gib(rank: int, mode: str = "branch", fp8: bool = False) -> float:
+    """GPU memory LoRAs need beyond the full-size model, for choosing a memory profile: the slots plus the branch's
+    activations (branch), or the copy of every Linear weight (merge; fp8: 1 byte a weight)."""
+    if mode == "merge":
+        return sum(n_in * n_out for n_in, n_out in turbo_linear_shapes()) * (1 if fp8 else 2) / 2**30
     if rank <= 0:
         return 0.0
-    return slot_bytes(turbo_linear_shapes(), rank, dtype_bytes) / 2**30 + ACTIVATION_MARGIN_GIB
+    return slot_bytes(turbo_linear_shapes(), rank, 2) / 2**30 + ACTIVATION_MARGIN_GIB
 
 
 @dataclass
@@ -499,24 +502,67 @@ class LoraStats:
     last_load_seconds: float = 0.0
 
 
+MODES = ("branch", "merge")
+
+
+def _is_subclass(weight) -> bool:
+    return type(weight) not in (torch.Tensor, torch.nn.Parameter) and hasattr(weight, "__tensor_flatten__")
+
+
+def _snapshot(weight):
+    """A copy of a weight to restore it from: the tensor, or a tensor subclass's inner tensors (fp8 data, scales)."""
+    if _is_subclass(weight):
+        names, _ = weight.__tensor_flatten__()
+        return {name: getattr(weight, name).detach().clone() for name in names}
+    return weight.detach().clone()
+
+
+def _nbytes(snapshot) -> int:
+    tensors = snapshot.values() if isinstance(snapshot, dict) else [snapshot]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def weight_bytes(transformer: torch.nn.Module) -> int:
+    """Bytes of every Linear weight of `transformer` (what merge mode keeps a second copy of)."""
+    return sum(_nbytes(_snapshot(m.weight)) if _is_subclass(m.weight) else m.weight.numel() * m.weight.element_size()
+               for m in transformer.modules() if isinstance(m, torch.nn.Linear))
+
+
 class LoraRuntime:
-    """The engine's LoRA state: slots on every Linear, the device cache, what the slots hold now."""
+    """The engine's LoRA state: slots on every Linear, the device cache, what the slots hold now.
+
+    mode "branch" (default): the LoRA branch beside every layer, as described above.
+    mode "merge": a request's LoRAs are added into the layers' weights (W = W0 + sum of scale * up @ down, from a
+    copy W0 kept on the device; fp8 weights are dequantized, merged and quantized again in place) and taken out
+    again by restoring W0: no per-step cost, a switch rewrites the weights the LoRAs touch, and the device holds a
+    second copy of the transformer's Linear weights. The compiled code is the no-LoRA code throughout."""
 
     def __init__(self, library: LoraLibrary, transformer: torch.nn.Module, device: str, dtype: torch.dtype,
-                 rank: int, cache_bytes: int):
-        self.library, self.device, self.dtype, self.rank = library, device, dtype, rank
+                 rank: int, cache_bytes: int, mode: str = "branch"):
+        if mode not in MODES:
+            raise ValueError(f"unknown LoRA mode {mode!r}")
+        self.library, self.device, self.dtype, self.mode = library, device, dtype, mode
+        self.rank = rank if mode == "branch" else None  # merge: no slots, any rank
         self.cache_bytes = cache_bytes
-        self.wrappers = install(transformer, rank, device, dtype)
+        self.wrappers = install(transformer, rank if mode == "branch" else 0, device, dtype)
         self.targets = {name: (w.in_features, w.out_features) for name, w in self.wrappers.items()}
-        library.attach(self.targets, rank)
-        self.slot_bytes = slot_bytes(self.targets.values(), rank, torch.empty((), dtype=dtype).element_size())
+        library.attach(self.targets, self.rank)
+        self.slot_bytes = (slot_bytes(self.targets.values(), rank, torch.empty((), dtype=dtype).element_size())
+                           if mode == "branch" else 0)
+        self.masters = {name: _snapshot(w.base.weight) for name, w in self.wrappers.items()} if mode == "merge" else {}
+        self.master_bytes = sum(_nbytes(m) for m in self.masters.values())
+        self._merged: set[str] = set()  # layers whose weights hold a LoRA now
         self.cache: collections.OrderedDict[str, Adapter] = collections.OrderedDict()
         self.stats = LoraStats()
         self._applied: tuple | None = ()  # key of the slots' contents; () = inactive, None = unknown
         self._records: list[dict] = []
         self._warming = False
-        log.info("LoRA slots: rank %d on %d layers (%.0f MiB), device cache up to %.0f MiB, folder %s", rank,
-                 len(self.wrappers), self.slot_bytes / 2**20, cache_bytes / 2**20, library.folder)
+        if mode == "branch":
+            log.info("LoRA slots: rank %d on %d layers (%.0f MiB), device cache up to %.0f MiB, folder %s", rank,
+                     len(self.wrappers), self.slot_bytes / 2**20, cache_bytes / 2**20, library.folder)
+        else:
+            log.info("LoRA merge mode: %d layers, weight copy %.0f MiB, device cache up to %.0f MiB, folder %s",
+                     len(self.wrappers), self.master_bytes / 2**20, cache_bytes / 2**20, library.folder)
 
     # ---- resolve time: cheap checks, any thread -----------------------------------------------------------------
     def check(self, specs: tuple[LoraSpec, ...]) -> None:
@@ -534,7 +580,7 @@ class LoraRuntime:
             if not info.ok:
                 raise RequestError(f"LoRA {spec.name!r} cannot be used: {info.error}", param)
             total += info.rank if spec.scale != 0 else 0
-        if total > self.rank:
+        if self.rank is not None and total > self.rank:
             raise RequestError(f"these LoRAs have rank {total} together; this server applies up to rank {self.rank} "
                                "at once (--lora-rank): use fewer or lower-rank LoRAs", "loras")
 
@@ -560,7 +606,7 @@ class LoraRuntime:
         """Make the slots hold exactly `specs` (each adapter's ranks side by side, its scale folded into `up`,
         the rest zero). A no-op when they already do. Returns what was applied, for results and metadata.
         Raises LoraError (the file vanished or changed into something unusable)."""
-        if not specs and self._warming:
+        if not specs and self._warming and self.mode == "branch":
             if self._applied != "zero":
                 self._write([])
                 self._applied, self._records = "zero", []
@@ -573,7 +619,10 @@ class LoraRuntime:
         self._applied = None  # unknown until written: a failure below rewrites everything next time
         # A LoRA at scale 0 adds exactly nothing: it takes no slot, and a set of only those runs without the branch.
         pairs = [(a, spec.scale) for a, spec in zip(adapters, specs) if spec.scale != 0]
-        self._write(pairs or None)
+        if self.mode == "merge":
+            self._merge(pairs)
+        else:
+            self._write(pairs or None)
         self._applied = key
         self._records = [{"name": a.name, "scale": spec.scale, "hash": a.short_hash, "sha256": a.sha256}
                          for a, spec in zip(adapters, specs)]
@@ -610,6 +659,39 @@ class LoraRuntime:
             w.used = offset
             w.active = True
 
+    def _merge(self, pairs: list[tuple[Adapter, float]]) -> None:
+        """Merge mode: every layer a LoRA of `pairs` touches gets W0 + sum(scale * up @ down); every other layer
+        that held a LoRA gets W0 back (bit for bit)."""
+        wanted = {}
+        for name in self.wrappers:
+            found = [(adapter.weights[name], scale) for adapter, scale in pairs if name in adapter.weights]
+            if found:
+                wanted[name] = (torch.cat([up * scale for (_, up), scale in found], dim=1),
+                                torch.cat([down for (down, _), _ in found], dim=0))
+        for name in self._merged - set(wanted):
+            self._restore(name)
+        self._merged = set()
+        for name, (up, down) in wanted.items():
+            weight = self.wrappers[name].base.weight
+            master = self.masters[name]
+            if isinstance(master, dict):  # fp8 (torchao): dequantize W0, add, quantize again in place
+                from . import speed
+
+                self._restore(name)
+                value = weight.dequantize()
+                speed.fp8_requantize_(weight, torch.addmm(value, up.to(value.dtype), down.to(value.dtype)))
+            else:
+                torch.addmm(master, up.to(master.dtype), down.to(master.dtype), out=weight.data)
+            self._merged.add(name)
+
+    def _restore(self, name: str) -> None:
+        weight, master = self.wrappers[name].base.weight, self.masters[name]
+        if isinstance(master, dict):
+            for inner, saved in master.items():
+                getattr(weight, inner).copy_(saved)
+        else:
+            weight.data.copy_(master)
+
     def _adapter(self, name: str) -> Adapter:
         found = self.library.scan().get(name)
         if found is None:
@@ -639,7 +721,8 @@ class LoraRuntime:
             used -= self.cache.pop(name).nbytes
 
     def describe(self) -> dict:
-        return {"rank": self.rank, "layers": len(self.wrappers), "slot_mib": round(self.slot_bytes / 2**20, 1),
+        return {"mode": self.mode, "rank": self.rank, "layers": len(self.wrappers),
+                "slot_mib": round(self.slot_bytes / 2**20, 1), "weight_copy_mib": round(self.master_bytes / 2**20, 1),
                 "cache_mib": round(self.cache_bytes / 2**20, 1), "folder": str(self.library.folder),
                 "cached": list(self.cache), "applied": [r["name"] for r in self._records],
                 "loads": self.stats.loads, "switches": self.stats.switches}

@@ -186,6 +186,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_loras", _int_range(0, 8), "LoRAs one request may use (0 turns LoRAs off)"),
     Option("lora_rank", _int_range(0, 1024),
            "total rank of the LoRAs one request applies together, preallocated on every layer (0 turns LoRAs off)"),
+    Option("lora_mode", _choice(("branch", "merge")),
+           "how LoRAs are applied: branch (a LoRA matmul beside every layer: any memory profile, fp8 included) or "
+           "merge (added into the weights per request: no per-step cost; the full memory profile only, and a second "
+           "copy of the transformer's weights on the GPU; fp8 weights are quantized again at each switch)"),
     Option("lora_cache_mib", _int_range(0, 1 << 20),
            "MiB of recently used LoRAs kept on the GPU (less where the memory profile has no room)"),
 )
@@ -217,6 +221,7 @@ class Settings:
     lora_dir: Path = Path("loras")
     max_loras: int = 4
     lora_rank: int = 64
+    lora_mode: str = "branch"
     lora_cache_mib: int = 1024
 
     def __post_init__(self) -> None:

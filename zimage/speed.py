@@ -160,6 +160,24 @@ def quantize_fp8(module: torch.nn.Module, excluded: tuple[str, ...] = FP8_EXCLUD
     return count
 
 
+def fp8_requantize_(weight, value: torch.Tensor) -> None:
+    """Overwrite an fp8 weight (a torchao tensor subclass, as quantize_fp8 made it) in place with `value` (high
+    precision) quantized the same way: its inner tensors (fp8 data, row scales) are rewritten, never replaced,
+    so compiled code that reads them sees new data, not new tensors (LoRA merge mode, lora.py)."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    scratch = torch.nn.Linear(value.shape[1], value.shape[0], bias=False, device=value.device, dtype=value.dtype)
+    with torch.no_grad():
+        scratch.weight.copy_(value)
+    quantize_(scratch, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+    names, _ = weight.__tensor_flatten__()
+    fresh_names, _ = scratch.weight.__tensor_flatten__()
+    if list(names) != list(fresh_names):
+        raise RuntimeError(f"fp8 weight layout changed ({names} vs {fresh_names}): cannot merge in place")
+    for name in names:
+        getattr(weight, name).copy_(getattr(scratch.weight, name))
+
+
 def use_compile_cache(folder) -> None:
     """Persist Inductor's compiled kernels and FX graphs, so a restart recompiles from cache (seconds,
     not minutes). A folder the user set through TORCHINDUCTOR_CACHE_DIR is kept."""
