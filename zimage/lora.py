@@ -522,10 +522,16 @@ def _nbytes(snapshot) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _weight_nbytes(weight) -> int:
+    if _is_subclass(weight):
+        names, _ = weight.__tensor_flatten__()
+        return sum(getattr(weight, n).numel() * getattr(weight, n).element_size() for n in names)
+    return weight.numel() * weight.element_size()
+
+
 def weight_bytes(transformer: torch.nn.Module) -> int:
     """Bytes of every Linear weight of `transformer` (what merge mode keeps a second copy of)."""
-    return sum(_nbytes(_snapshot(m.weight)) if _is_subclass(m.weight) else m.weight.numel() * m.weight.element_size()
-               for m in transformer.modules() if isinstance(m, torch.nn.Linear))
+    return sum(_weight_nbytes(m.weight) for m in transformer.modules() if isinstance(m, torch.nn.Linear))
 
 
 class LoraRuntime:

@@ -188,8 +188,8 @@ OPTIONS: tuple[Option, ...] = (
            "total rank of the LoRAs one request applies together, preallocated on every layer (0 turns LoRAs off)"),
     Option("lora_mode", _choice(("branch", "merge")),
            "how LoRAs are applied: branch (a LoRA matmul beside every layer: any memory profile, fp8 included) or "
-           "merge (added into the weights per request: no per-step cost; the full memory profile only, and a second "
-           "copy of the transformer's weights on the GPU; fp8 weights are quantized again at each switch)"),
+           "merge (added into the weights per request: no per-step cost; needs the transformer resident and room for a "
+           "second copy of its weights on the GPU; fp8 weights are quantized again at each switch)"),
     Option("lora_cache_mib", _int_range(0, 1 << 20),
            "MiB of recently used LoRAs kept on the GPU (less where the memory profile has no room)"),
 )
