@@ -176,20 +176,23 @@ class GradioErrorStatus:
 
 
 class GenerateArgsCompat:
-    """ASGI middleware: Gradio's REST routes (`/gradio_api/run/generate`, `/gradio_api/call/generate`) need a
-    value for every input, and `generate` gained one (`loras`, last). A body with the six values of the
-    earlier signature gets the new input's default ("": LoRAs only from the prompt's <lora:...> tags), so
-    callers written for it keep working (gradio_client fills defaults itself)."""
+    """ASGI middleware: Gradio needs a value for every input, and `generate` gained one (`loras`, last). A
+    body with the six values of the earlier signature -- on the REST routes (`/gradio_api/run/generate`,
+    `/gradio_api/call/generate`) or joining the queue with generate's `fn_index` -- gets the new input's default
+    ("": LoRAs only from the prompt's <lora:...> tags), so callers written for it keep working (gradio_client
+    fills defaults itself)."""
 
     PATHS = ("/gradio_api/run/generate", "/gradio_api/call/generate")
+    QUEUE = "/gradio_api/queue/join"
     LEGACY_INPUTS = 6
 
-    def __init__(self, app):
-        self.app = app
+    def __init__(self, app, generate_fn_index: int | None = None):
+        self.app, self.fn_index = app, generate_fn_index
 
     async def __call__(self, scope, receive, send):
-        if (scope["type"] != "http" or scope.get("method") != "POST"
-                or scope.get("path", "").rstrip("/") not in self.PATHS):
+        path = scope.get("path", "").rstrip("/") if scope["type"] == "http" else ""
+        if scope["type"] != "http" or scope.get("method") != "POST" or (
+                path not in self.PATHS and not (path == self.QUEUE and self.fn_index is not None)):
             return await self.app(scope, receive, send)
         import json
 
@@ -206,7 +209,8 @@ class GenerateArgsCompat:
         except ValueError:
             payload = None
         if (isinstance(payload, dict) and isinstance(payload.get("data"), list)
-                and len(payload["data"]) == self.LEGACY_INPUTS):
+                and len(payload["data"]) == self.LEGACY_INPUTS
+                and (path != self.QUEUE or payload.get("fn_index") == self.fn_index)):
             payload["data"].append("")
             body = bytearray(json.dumps(payload).encode())
             scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"content-length"]
@@ -458,6 +462,7 @@ def build(engine, queue, store, metrics, settings) -> gr.Blocks:
         run = go.click(generate, [prompt, quality, aspect, seed, random_seed, count, loras],
                        [gallery, info, details, last_seed, last], api_name="generate",
                        concurrency_limit=settings.queue_size + 1)
+        demo.generate_fn_index = run.get("id")  # for GenerateArgsCompat (six-value calls of the old signature)
         for picker in pickers:  # the picker writes the `loras` text that `generate` reads
             picker.change(lora_text, pickers, loras, queue=False, api_visibility="private")
         lora_refresh.click(refresh_loras, None, [*pickers[::2], lora_note], queue=False, api_visibility="private")
