@@ -376,3 +376,14 @@ def test_merge_mode_adds_loras_into_the_weights_and_takes_them_out_exactly(demo_
         assert np.array_equal(run(engine, spec), plain if spec is None else merged[spec]), spec
     assert all(torch.equal(w.base.weight, originals[name]) for name, w in engine.loras.wrappers.items())
     assert not any(w.active for w in engine.loras.wrappers.values())
+
+
+def test_streamed_profile_applies_loras_the_same(demo_engine, lora_dir, tiny_settings):
+    """The 12gb profile streams the transformer's layers (diffusers group offloading); the LoRA branch's buffers stay
+    resident beside them, and the pictures are the full profile's."""
+    engine = Engine.create(tiny_settings.replace(model="tiny", lora_dir=lora_dir, memory_profile="12gb"))
+    engine.mark_ready()
+    assert engine.placement.profile.transformer_streamed
+    for spec in ("outline:0.7", None, "speckle, smear:0.5"):
+        request = GenerationRequest("a red circle on a blue background", seed=2, loras=spec, **SMALL)
+        assert np.array_equal(pixels(generate(engine, request)), pixels(generate(demo_engine, request))), spec

@@ -349,10 +349,7 @@ class Engine:
             applied, lora_seconds = [], None
             if self.loras is not None:  # under the GPU lock: this job's LoRAs and nobody else's
                 t0 = time.perf_counter()
-                try:
-                    applied = self.loras.apply(job.loras)
-                except lora.LoraError as exc:
-                    raise RequestError(str(exc), "loras") from None
+                applied = self._apply_loras(job)
                 lora_seconds = time.perf_counter() - t0
             result = self.stages.run(job, on_progress, cancel)
             result.loras = applied
@@ -364,6 +361,23 @@ class Engine:
         log.info("generated %s %dx%d steps=%d n=%d in %.2fs", job.preset, job.width, job.height, job.steps,
                  len(job.seeds), result.timings["total"])
         return result
+
+    def _apply_loras(self, job: Job) -> list[dict]:
+        """This job's LoRAs into the transformer; out of memory (reading a LoRA onto the GPU) frees the LoRA cache
+        and tries once more, then says so."""
+        for attempt in (1, 2):
+            try:
+                return self.loras.apply(job.loras)
+            except lora.LoraError as exc:
+                raise RequestError(str(exc), "loras") from None
+            except torch.OutOfMemoryError:
+                self._note_oom("handled" if attempt == 1 else "failed", "lora", job,
+                               "retry with the LoRA cache emptied" if attempt == 1 else "giving up")
+            self.loras.drop_cache()
+            memory.release_memory(self.device)
+        raise OutOfMemory(f"out of GPU memory loading the LoRAs {', '.join(s.name for s in job.loras)}; "
+                          f"{memory_note(self.device, '{free:.1f} GiB free of {total:.1f} GiB', 'memory exhausted')}. "
+                          "Try fewer or smaller LoRAs.", "lora")
 
     # ---- out of memory, fatal errors -------------------------------------------------------------
     def _note_oom(self, kind: str, stage: str, job: Job, action: str) -> None:

@@ -548,6 +548,7 @@ class LoraRuntime:
         if mode not in MODES:
             raise ValueError(f"unknown LoRA mode {mode!r}")
         self.library, self.device, self.dtype, self.mode = library, device, dtype, mode
+        self.transformer = transformer
         self.rank = rank if mode == "branch" else None  # merge: no slots, any rank
         self.cache_bytes = cache_bytes
         self.wrappers = install(transformer, rank if mode == "branch" else 0, device, dtype)
@@ -559,6 +560,7 @@ class LoraRuntime:
         self.master_bytes = sum(_nbytes(m) for m in self.masters.values())
         self._merged: set[str] = set()  # layers whose weights hold a LoRA now
         self.cache: collections.OrderedDict[str, Adapter] = collections.OrderedDict()
+        self._cache_lock = threading.Lock()  # the GPU thread changes the cache; listings read it from others
         self.stats = LoraStats()
         self._applied: tuple | None = ()  # key of the slots' contents; () = inactive, None = unknown
         self._records: list[dict] = []
@@ -591,7 +593,8 @@ class LoraRuntime:
                                "at once (--lora-rank): use fewer or lower-rank LoRAs", "loras")
 
     def loaded_names(self) -> set[str]:
-        return set(self.cache) | {r["name"] for r in self._records}
+        with self._cache_lock:
+            return set(self.cache) | {r["name"] for r in self._records}
 
     # ---- under the engine's GPU lock ----------------------------------------------------------------------------
     def warming(self):
@@ -639,8 +642,14 @@ class LoraRuntime:
         self.stats.last_switch_seconds = time.perf_counter() - started
         return [dict(r) for r in self._records]
 
+    def _branch_active(self) -> bool:
+        return next(iter(self.wrappers.values())).active
+
     def _write(self, pairs: list[tuple[Adapter, float]] | None) -> None:
         """pairs None: branch off everywhere. A list (maybe empty): branch on, slots = the list."""
+        layers = getattr(self.transformer, "layers", None)
+        if hasattr(layers, "key_parts") and self._branch_active not in layers.key_parts:
+            layers.key_parts.append(self._branch_active)  # CUDA graphs of the blocks: one per branch state
         if pairs is None:
             for w in self.wrappers.values():
                 w.active = False
@@ -704,7 +713,8 @@ class LoraRuntime:
             raise LoraError(f"LoRA {name!r} is no longer in the LoRA folder")
         cached = self.cache.get(name)
         if cached is not None and cached.signature == found[1]:
-            self.cache.move_to_end(name)
+            with self._cache_lock:
+                self.cache.move_to_end(name)
             self.stats.cache_hits += 1
             return cached
         started = time.perf_counter()
@@ -713,22 +723,30 @@ class LoraRuntime:
         self.stats.last_load_seconds = time.perf_counter() - started
         log.info("LoRA %s loaded: rank %d, %d layers, %.1f MiB, %s layout, %.2fs", name, adapter.rank,
                  len(adapter.weights), adapter.nbytes / 2**20, adapter.layout, self.stats.last_load_seconds)
-        self.cache[name] = adapter
+        with self._cache_lock:
+            self.cache[name] = adapter
         return adapter
 
     def _evict(self, keep: tuple[str, ...]) -> None:
         """Drop least recently used adapters until the cache fits its budget (what is applied stays in the slots)."""
-        used = sum(a.nbytes for a in self.cache.values())
-        for name in list(self.cache):
-            if used <= self.cache_bytes:
-                break
-            if name in keep:
-                continue
-            used -= self.cache.pop(name).nbytes
+        with self._cache_lock:
+            used = sum(a.nbytes for a in self.cache.values())
+            for name in list(self.cache):
+                if used <= self.cache_bytes:
+                    break
+                if name in keep:
+                    continue
+                used -= self.cache.pop(name).nbytes
+
+    def drop_cache(self) -> None:
+        """Free the device cache (an out-of-memory retry)."""
+        with self._cache_lock:
+            self.cache.clear()
 
     def describe(self) -> dict:
         return {"mode": self.mode, "rank": self.rank, "layers": len(self.wrappers),
                 "slot_mib": round(self.slot_bytes / 2**20, 1), "weight_copy_mib": round(self.master_bytes / 2**20, 1),
                 "cache_mib": round(self.cache_bytes / 2**20, 1), "folder": str(self.library.folder),
-                "cached": list(self.cache), "applied": [r["name"] for r in self._records],
+                "cached": sorted(self.loaded_names() - {r["name"] for r in self._records}),
+                "applied": [r["name"] for r in self._records],
                 "loads": self.stats.loads, "switches": self.stats.switches}
