@@ -3,6 +3,7 @@ FastAPI app, and loads/warms the engine in the background so /healthz answers fr
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from dataclasses import dataclass
@@ -42,6 +43,13 @@ def create_service(settings: Settings, engine: Engine | None = None) -> Service:
     demo.queue(max_size=settings.queue_size, default_concurrency_limit=settings.queue_size + 1)
 
     app = FastAPI(title="Z-Image-Turbo studio", version="1", docs_url=None, redoc_url=None)  # /docs: api.py
+
+    async def finish_writing_outputs() -> None:
+        # Here, not after uvicorn returns: on SIGTERM uvicorn re-raises the signal as its loop ends, which
+        # would kill the process with images still queued for writing.
+        await asyncio.to_thread(store.close)
+
+    app.router.add_event_handler("shutdown", finish_writing_outputs)
     api.install(app, engine=engine, queue=queue, store=store, metrics=metrics, settings=settings)
     settings.outputs.mkdir(parents=True, exist_ok=True)
     # The outputs folder is not an allowed path: the UI gets Gradio's cached copies of the images it shows, and
