@@ -1,13 +1,12 @@
 """Assembles the service: engine + GPU queue + outputs store + metrics + HTTP routes + Gradio UI in one
-FastAPI app, and loads/warms the engine in the background so /healthz answers from the first second."""
+FastAPI app. The engine loads and warms in the background (Engine.start_in_background), so /healthz answers
+from the first second."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from dataclasses import dataclass
-from typing import Callable
 
 import gradio as gr
 from fastapi import FastAPI
@@ -60,24 +59,3 @@ def create_service(settings: Settings, engine: Engine | None = None) -> Service:
     app.add_middleware(ui.GradioErrorStatus)
     security.install(app, settings)  # Host/Origin checks, body limits, login throttle: in front of everything
     return Service(app=app, engine=engine, queue=queue, store=store, metrics=metrics)
-
-
-def start_engine(service: Service, on_failure: Callable[[BaseException], None]) -> threading.Thread:
-    """Load, then warm up, on a background thread; `on_failure` is called if either fails."""
-
-    def run() -> None:
-        engine = service.engine
-        try:
-            engine.load()
-            if engine.settings.warmup_enabled():
-                engine.warm_up()
-            else:
-                engine.mark_ready()
-        except BaseException as exc:  # noqa: BLE001 - reported to the caller, which stops the server
-            engine.mark_failed(str(exc))
-            log.error("start-up failed: %s", exc)
-            on_failure(exc)
-
-    thread = threading.Thread(target=run, name="zimage-engine-start", daemon=True)
-    thread.start()
-    return thread

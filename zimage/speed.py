@@ -190,8 +190,10 @@ def compile_text_encoder(text_encoder, mode: str | None = None) -> None:
     walked 36 guard sets. The pipeline reads hidden states once; it never needs a cache."""
     if hasattr(text_encoder, "config"):
         text_encoder.config.use_cache = False
+    # dynamic: one trace serves every bucket length; a restart (warm Inductor cache) re-traces once, not once
+    # per length seen in warm-up.
     for layer in text_encoder.layers:
-        layer.compile(mode=mode)
+        layer.compile(mode=mode, dynamic=True)
 
 
 def compile_vae_decoder(vae) -> None:
@@ -201,7 +203,9 @@ def compile_vae_decoder(vae) -> None:
     Tiled decode (Ultra, and the engine's OOM fallback) calls the same decoder on tiles of other sizes; it runs
     eagerly (`force_eager`), so tiles never trigger compiles and use no extra compile memory."""
     vae.to(memory_format=torch.channels_last)
-    vae.decoder.compile()
+    # dynamic: one trace for every preset's size (Draft, Standard, High; Ultra decodes tiled, eagerly), so a
+    # restart re-traces the decoder once instead of once per size.
+    vae.decoder.compile(dynamic=True)
     if getattr(vae, "_zimage_tiled_eager", False):
         return
     tiled_decode = vae.tiled_decode
