@@ -111,3 +111,25 @@ def test_engine_generates_with_fp8_weights(make_engine, monkeypatch):
     difference = (a - b).abs().mean().item()
     print(f"mean abs pixel difference fp8 vs bf16: {difference:.2f} / 255")
     assert 0 < difference < 8.0
+
+
+def test_quantizing_holds_one_unquantized_layer_at_a_time(monkeypatch):
+    """On a 12/16 GiB card the bf16 copy of the model must never be resident in full: each Linear's bf16 weight
+    is dropped as soon as its fp8 replacement exists (H100 with a 16 GiB cap, 2026-11-24: a list of every
+    original Linear kept them all alive, and placement ran out of memory)."""
+    import weakref
+
+    blocks = torch.nn.ModuleList([Block() for _ in range(4)])
+    originals = [weakref.ref(m) for m in blocks.modules() if isinstance(m, torch.nn.Linear)]
+    alive_at_each_step = []
+    from_linear = fp8.Fp8Linear.from_linear.__func__
+
+    def counting(cls, linear):
+        alive_at_each_step.append(sum(ref() is not None for ref in originals))
+        return from_linear(cls, linear)
+
+    monkeypatch.setattr(fp8.Fp8Linear, "from_linear", classmethod(counting))
+    assert fp8.quantize_module(blocks) == 12
+    # all not-yet-quantized layers are alive by necessity (they are in the model); already replaced ones are not
+    total = len(originals)
+    assert [total - alive for alive in alive_at_each_step] == list(range(len(alive_at_each_step)))

@@ -77,14 +77,18 @@ def quantize_module(module: torch.nn.Module, excluded: tuple[str, ...] = (), dev
     returns how many. With `device`, each Linear moves there just before it is quantized and the rest follows
     at the end, so peak memory is the fp8 model plus one bf16 layer."""
     count = 0
-    for fqn, mod in list(module.named_modules()):
-        if not isinstance(mod, torch.nn.Linear) or any(e in fqn for e in excluded) or not quantizable(mod):
-            continue
-        if device is not None:
-            mod.to(device)
+    # Names, not modules: a list holding every original Linear would keep all their bf16 weights alive (on the
+    # device, once moved) until the end, i.e. the whole bf16 model beside the fp8 one.
+    names = [fqn for fqn, mod in module.named_modules() if isinstance(mod, torch.nn.Linear)
+             and not any(e in fqn for e in excluded) and quantizable(mod)]
+    for fqn in names:
         parent_name, _, child = fqn.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, child, Fp8Linear.from_linear(mod))
+        linear = getattr(parent, child)
+        if device is not None:
+            linear.to(device)
+        setattr(parent, child, Fp8Linear.from_linear(linear))
+        del linear
         count += 1
     if device is not None:
         module.to(device)
