@@ -15,7 +15,8 @@ A variant is '+'-joined tokens:
     nocleanup  skip the per-request cache release (to measure what it costs)
     i2i | inpaint    an edit instead of text-to-image: image-to-image at strength 0.6 / inpainting (centre
                quarter, strength 1.0) of a fixed input at the shape's size; first_task_call_s is the first
-               edit after the text-to-image warm-up (what the first edit of a service costs)
+               edit after the text-to-image warm-up (what the first edit of a service costs); s0.6 etc.
+               sets the edit's strength
     @S;S       after the tokens: this variant's own shapes instead of --shapes, e.g. compiled+fp8@Standard:1:1
 Each variant gets a fresh engine. Per shape: the first call (compile included), then --runs timed runs.
 FLOPs are counted once per shape (torch.utils.flop_counter, compiled code forced eager) and turned into
@@ -60,7 +61,7 @@ def parse_variant(spec: str) -> dict:
     spec, _, shapes = spec.partition("@")
     tokens = spec.split("+")
     v = {"name": spec, "shapes": shapes.replace(";", ",") or None, "compile": None, "attention": "native", "fp8": False,
-         "tec": False, "cleanup": True, "switches": [], "task": None}
+         "tec": False, "cleanup": True, "switches": [], "task": None, "strength": None}
     for tok in tokens:
         if tok in ("eager", "compiled", "compiled-dyn", "compiled-mat"):
             v["compile"] = None if tok == "eager" else tok
@@ -74,6 +75,8 @@ def parse_variant(spec: str) -> dict:
             v["cleanup"] = False
         elif tok in ("i2i", "inpaint"):
             v["task"] = tok
+        elif tok.startswith("s") and tok[1:].replace(".", "", 1).isdigit():
+            v["strength"] = float(tok[1:])
         elif tok in SWITCH_TOKENS:
             v["switches"].append("+" + SWITCH_TOKENS[tok])
         elif tok.startswith("no") and tok[2:] in SWITCH_TOKENS:
@@ -113,10 +116,12 @@ def request_for(v: dict, tier: str, aspect: str, seed: int) -> GenerationRequest
     grid = np.add.outer(np.linspace(0, 255, height), np.linspace(0, 255, width)) / 2
     init = Image.fromarray(np.stack([grid, grid[::-1], 255 - grid], axis=-1).astype(np.uint8))
     if v["task"] == "i2i":
-        return GenerationRequest(PROMPT, preset=tier, aspect=aspect, seed=seed, image=init, strength=0.6)
+        return GenerationRequest(PROMPT, preset=tier, aspect=aspect, seed=seed, image=init,
+                                 strength=0.6 if v["strength"] is None else v["strength"])
     mask = Image.new("L", (width, height), 0)
     ImageDraw.Draw(mask).rectangle((width // 4, height // 4, 3 * width // 4, 3 * height // 4), fill=255)
-    return GenerationRequest(PROMPT, preset=tier, aspect=aspect, seed=seed, image=init, mask=mask)
+    return GenerationRequest(PROMPT, preset=tier, aspect=aspect, seed=seed, image=init, mask=mask,
+                             strength=v["strength"])
 
 
 def run(engine: Engine, request: GenerationRequest, keep_latents: bool = False):
