@@ -50,20 +50,30 @@ def main(argv: list[str] | None = None) -> int:
               "with --port or ZIMAGE_PORT.", file=sys.stderr)
         return 1
 
-    import uvicorn
+    # The model starts loading before Gradio and the web stack are imported (~10 s of imports on a GPU host),
+    # so a restart overlaps the two instead of adding them.
+    from zimage.engine import Engine
 
-    from zimage.server import create_service, start_engine
-
-    service = create_service(settings)
-    server = uvicorn.Server(uvicorn.Config(service.app, log_level="warning", access_log=False,
-                                           timeout_graceful_shutdown=30))
+    engine = Engine(settings)
     failures: list[BaseException] = []
+    server = None
 
     def stop_on_failure(exc: BaseException) -> None:
         failures.append(exc)
-        server.should_exit = True
+        if server is not None:
+            server.should_exit = True
 
-    start_engine(service, stop_on_failure)
+    engine.start_in_background(stop_on_failure)
+
+    import uvicorn
+
+    from zimage.server import create_service
+
+    service = create_service(settings, engine)
+    server = uvicorn.Server(uvicorn.Config(service.app, log_level="warning", access_log=False,
+                                           timeout_graceful_shutdown=30))
+    if failures:  # failed while the web stack was importing
+        server.should_exit = True
     log.info("serving on http://%s:%d (model %s)", settings.host, settings.port, settings.model)
     server.run(sockets=[sock])
     service.store.close()  # finish writing queued images

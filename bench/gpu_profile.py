@@ -78,13 +78,13 @@ def gaps_us(intervals) -> list[float]:
 
 
 class _StageRanges:
-    """Wraps the engine's stage methods in record_function ranges ending in a device sync, so each stage's
-    kernels fall inside its CPU range (the engine syncs right after each stage anyway)."""
+    """Wraps the engine's stage methods (zimage/stages.py) in record_function ranges ending in a device sync, so
+    each stage's kernels fall inside its CPU range (the engine syncs right after each stage anyway)."""
 
-    METHODS = {"_encode": "text_encode", "_denoise": "denoise", "_decode": "decode"}
+    METHODS = {"encode": "text_encode", "denoise": "denoise", "decode": "decode"}
 
     def __init__(self, engine):
-        self.engine, self.saved = engine, {}
+        self.engine, self.saved = engine.stages, {}
 
     def __enter__(self):
         for method, stage in self.METHODS.items():

@@ -10,9 +10,13 @@ A variant is '+'-joined tokens:
     fa4        FlashAttention-4 through the project's processor (zimage/fastattn.py)
     rope / norope, vaec / novaec, cg / nocg    speed switches (zimage/speed.py Switches: real_rope,
                vae_compile, block_graphs); unnamed switches keep their defaults (ZIMAGE_SPEED for the process)
-    fp8        torchao fp8 rowwise transformer (embedders, final layer, adaLN kept bf16)
+    fp8        fp8 rowwise transformer (zimage/fp8.py) (embedders, final layer, adaLN kept bf16)
     tec        compile the text encoder's layers too (regional); teg: the same with CUDA graphs
     nocleanup  skip the per-request cache release (to measure what it costs)
+    i2i | inpaint    an edit instead of text-to-image: image-to-image at strength 0.6 / inpainting (centre
+               quarter, strength 1.0) of a fixed input at the shape's size; first_task_call_s is the first
+               edit after the text-to-image warm-up (what the first edit of a service costs); s0.6 etc.
+               sets the edit's strength
     @S;S       after the tokens: this variant's own shapes instead of --shapes, e.g. compiled+fp8@Standard:1:1
 Each variant gets a fresh engine. Per shape: the first call (compile included), then --runs timed runs.
 FLOPs are counted once per shape (torch.utils.flop_counter, compiled code forced eager) and turned into
@@ -39,7 +43,7 @@ import torch  # noqa: E402
 from zimage import images, speed  # noqa: E402
 from zimage.engine import Engine  # noqa: E402
 from zimage.presets import ASPECTS, TIERS  # noqa: E402
-from zimage.request import GenerationRequest  # noqa: E402
+from zimage.request import GenerationRequest, edit_steps  # noqa: E402
 from zimage.settings import Settings  # noqa: E402
 
 # ~254 tokens with the tiny BPE tokenizer random-full uses, like the 254-token prompt of the references.
@@ -57,7 +61,7 @@ def parse_variant(spec: str) -> dict:
     spec, _, shapes = spec.partition("@")
     tokens = spec.split("+")
     v = {"name": spec, "shapes": shapes.replace(";", ",") or None, "compile": None, "attention": "native", "fp8": False,
-         "tec": False, "cleanup": True, "switches": []}
+         "tec": False, "cleanup": True, "switches": [], "task": None, "strength": None}
     for tok in tokens:
         if tok in ("eager", "compiled", "compiled-dyn", "compiled-mat"):
             v["compile"] = None if tok == "eager" else tok
@@ -69,6 +73,10 @@ def parse_variant(spec: str) -> dict:
             v["tec"] = tok
         elif tok == "nocleanup":
             v["cleanup"] = False
+        elif tok in ("i2i", "inpaint"):
+            v["task"] = tok
+        elif tok.startswith("s") and tok[1:].replace(".", "", 1).isdigit():
+            v["strength"] = float(tok[1:])
         elif tok in SWITCH_TOKENS:
             v["switches"].append("+" + SWITCH_TOKENS[tok])
         elif tok.startswith("no") and tok[2:] in SWITCH_TOKENS:
@@ -95,6 +103,25 @@ def make_engine(args, v) -> tuple[Engine, float]:
         speed.compile_text_encoder(engine.pipeline.text_encoder, mode="reduce-overhead" if v["tec"] == "teg" else None)
     engine.release_after_request = v["cleanup"]
     return engine, time.perf_counter() - t0  # still warming: mark_ready after the first calls, as the app does
+
+
+def request_for(v: dict, tier: str, aspect: str, seed: int) -> GenerationRequest:
+    if v["task"] is None:
+        return GenerationRequest(PROMPT, preset=tier, aspect=aspect, seed=seed)
+    from PIL import Image, ImageDraw
+
+    from zimage.presets import preset_size
+
+    width, height = preset_size(tier, aspect)
+    grid = np.add.outer(np.linspace(0, 255, height), np.linspace(0, 255, width)) / 2
+    init = Image.fromarray(np.stack([grid, grid[::-1], 255 - grid], axis=-1).astype(np.uint8))
+    if v["task"] == "i2i":
+        return GenerationRequest(PROMPT, preset=tier, aspect=aspect, seed=seed, image=init,
+                                 strength=0.6 if v["strength"] is None else v["strength"])
+    mask = Image.new("L", (width, height), 0)
+    ImageDraw.Draw(mask).rectangle((width // 4, height // 4, 3 * width // 4, 3 * height // 4), fill=255)
+    return GenerationRequest(PROMPT, preset=tier, aspect=aspect, seed=seed, image=init, mask=mask,
+                             strength=v["strength"])
 
 
 def run(engine: Engine, request: GenerationRequest, keep_latents: bool = False):
@@ -143,19 +170,22 @@ def run_variant(args, spec: str, flops_cache: dict, reference: dict, results: li
     assert all(tier in TIERS and aspect in ASPECTS for tier, aspect in split), shapes
     # First calls compile: the app's warm-up, then ready (gc.freeze), as the app does.
     warm = engine.warm_up([(tier, aspect, None) for tier, aspect in split])
-    firsts = {shape: (run(engine, GenerationRequest(PROMPT, preset=tier, aspect=aspect, seed=1234), keep_latents=True),
-                      entry["seconds"]) for shape, (tier, aspect), entry in zip(shapes, split, warm)}
+    firsts = {}
+    for shape, (tier, aspect), entry in zip(shapes, split, warm):
+        t = time.perf_counter()
+        first = run(engine, request_for(v, tier, aspect, 1234), keep_latents=True)
+        firsts[shape] = (first, entry["seconds"], time.perf_counter() - t)
     compiled_stats = compile_stats()
     for shape in shapes:
         tier, aspect = shape.split(":", 1)
-        request = GenerationRequest(PROMPT, preset=tier, aspect=aspect, seed=1234)
-        first, first_s = firsts[shape]
+        request = request_for(v, tier, aspect, 1234)
+        first, first_s, first_task_s = firsts[shape]
         if shape not in flops_cache:
             flops_cache[shape] = {"total": 0, "by_module": {}} if args.skip_flops else count_flops(engine, request)
         rows, walls = [], []
         for i in range(args.runs):
             t = time.perf_counter()
-            rows.append(run(engine, GenerationRequest(PROMPT, preset=tier, aspect=aspect, seed=1234 + i)))
+            rows.append(run(engine, request_for(v, tier, aspect, 1234 + i)))
             walls.append(time.perf_counter() - t)  # what a caller waits: stages + cleanup
         graphed = getattr(engine.pipeline.transformer, "layers", None)
         nocg = None
@@ -164,7 +194,7 @@ def run_variant(args, spec: str, flops_cache: dict, reference: dict, results: li
             nocg_walls = []
             for i in range(args.runs):
                 t = time.perf_counter()
-                run(engine, GenerationRequest(PROMPT, preset=tier, aspect=aspect, seed=1234 + i))
+                run(engine, request_for(v, tier, aspect, 1234 + i))
                 nocg_walls.append(time.perf_counter() - t)
             graphed.enabled = True
             nocg = {k: round(x, 4) for k, x in summarize(nocg_walls).items()}
@@ -184,6 +214,8 @@ def run_variant(args, spec: str, flops_cache: dict, reference: dict, results: li
         entry = {
             "variant": spec, "shape": shape, "width": first.width, "height": first.height, "steps": first.steps,
             "runs": args.runs, "load_s": round(load_s, 2), "first_call_s": round(first_s, 2),
+            "task": first.task, "strength": first.strength, "first_task_call_s": round(first_task_s, 2),
+            "denoise_steps": first.steps if first.strength is None else edit_steps(first.steps, first.strength),
             "e2e_s": {k: round(x, 4) for k, x in e2e.items()},
             "engine_total_s": round(statistics.median(r.timings["total"] for r in rows), 4),
             "text_encode_s": round(statistics.median(r.timings["text_encode"] for r in rows), 4),
@@ -201,7 +233,7 @@ def run_variant(args, spec: str, flops_cache: dict, reference: dict, results: li
             "nonfinite": any("non-finite" in w for r in rows + [first] for w in r.warnings)
             or not bool(torch.isfinite(latents).all()) or engine.stats.nonfinite_images > 0,
         }
-        entry["per_step_ms"] = round(1000 * entry["denoise_s"] / entry["steps"], 1)
+        entry["per_step_ms"] = round(1000 * entry["denoise_s"] / entry["denoise_steps"], 1)
         key = shape
         if key not in reference:
             reference[key] = {"variant": spec, "latents": latents, "image": first.images[0]}
@@ -216,7 +248,7 @@ def run_variant(args, spec: str, flops_cache: dict, reference: dict, results: li
         out.write_text(json.dumps({"device": device_name(), "torch": torch.__version__, "results": results,
                                    "service": services}, indent=1))
         print(json.dumps({k: entry[k] for k in ("variant", "shape", "e2e_s", "per_step_ms", "text_encode_s",
-                                                "first_call_s", "peak_vram_gib")}), flush=True)
+                                                "first_call_s", "first_task_call_s", "peak_vram_gib")}), flush=True)
     if args.profile_out:  # the same engine, already compiled: one profiled generation of the first shape
         from bench.gpu_profile import profile_generation, table as profile_table
 

@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     report: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "profile": args.profile,
                     "limit_gib": args.limit, "fp8": args.fp8, "compile": args.compile}
     if device == "cuda":
-        report["auto_choice"] = auto_choices(device, speed.fp8_wanted(args.fp8, device))
+        report["auto_choice"] = auto_choices(device, speed.fp8_wanted(args.fp8, device, torch.bfloat16))
     settings = Settings(model=args.model, memory_profile=args.profile, gpu_memory_limit=args.limit, fp8=args.fp8,
                         compile=args.compile, cache_dir=Path(args.cache_dir))
     t0 = time.perf_counter()

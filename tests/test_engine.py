@@ -308,3 +308,14 @@ def test_text_encoder_sees_the_prompt_padded_to_a_bucket_with_the_same_embedding
                                         max_sequence_length=MAX_SEQUENCE_LENGTH)
     assert bucketed[0].shape == full[0].shape == (min(n_tokens, MAX_SEQUENCE_LENGTH), full[0].shape[1])
     torch.testing.assert_close(bucketed[0], full[0], rtol=1e-5, atol=1e-5)
+
+
+def test_outputs_written_after_close_are_not_lost(shared_engine, tmp_path):
+    """A job that finishes while the service shuts down (after the writer closed) is still written, inline."""
+    from zimage.outputs import OutputStore
+
+    result = generate(shared_engine, GenerationRequest("a blue square", preset="Draft", seed=2))
+    store = OutputStore(tmp_path / "outputs", "tiny-random")
+    store.close()
+    [path] = [future.result(timeout=60) for future in store.save(result)]
+    assert path.is_file() and len((tmp_path / "outputs" / "history.jsonl").read_text().splitlines()) == 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 
@@ -134,3 +135,23 @@ def test_each_answer_waits_only_for_its_turn_and_its_own_generation(tmp_path, ca
     print(f"\nstaggered: worst excess over own generation {worst:.2f} s; first answer after "
           f"{rows[0]['answered'] - rows[0]['sent']:.2f} s (engine {rows[0]['engine']:.2f} s)")
     assert worst < 1.5, rows
+
+
+def test_sigterm_right_after_a_response_still_writes_every_image(tmp_path, cache_dir):
+    """The outputs writer runs in the background; SIGTERM (supervisorctl stop/restart) just after a response must
+    not lose the images still queued for writing, nor leave a partial file. uvicorn re-raises the signal once its
+    server loop ends, so draining after `server.run` returned came too late (CI, 2026-11-24: a .tmp was left)."""
+    body = json.dumps({"prompt": "a red circle", "size": "1024x1024", "steps": 1, "n": 4, "seed": 5,
+                       "output_format": "jpeg"}).encode()  # jpeg answer: the writer still encodes 4 PNGs after it
+    with AppProcess(tmp_path, cache_dir) as server:
+        status, _, answer = http("POST", server.url + "/v1/images/generations", body,
+                                 {"Content-Type": "application/json"}, timeout=300)
+        server.proc.send_signal(signal.SIGTERM)
+        server.proc.wait(timeout=60)
+    assert status == 200, answer
+    assert not list(server.outputs.rglob("*.tmp"))
+    pngs = sorted(server.outputs.rglob("*.png"))
+    history = (server.outputs / "history.jsonl").read_text().splitlines()
+    assert len(pngs) == 4 and len(history) == 4, (pngs, history, server.log()[-2000:])
+    for png in pngs:
+        PIL.Image.open(png).verify()

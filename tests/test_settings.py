@@ -64,7 +64,7 @@ def test_readme_documents_every_setting():
 
 
 def test_fp8_follows_the_dtype():
-    """torchao's rowwise fp8 quantizes bf16 weights only: auto stands down for fp32, on says what to change."""
+    """fp8 replaces bf16 weights only: auto stands down for fp32, on says what to change."""
     import torch
 
     from zimage import speed

@@ -1,9 +1,9 @@
 """The 30 main transformer blocks of ZImageTransformer2DModel replayed as one CUDA graph per input shape.
 
-Why: with fp8 weights (torchao tensor subclasses) the host cannot issue the compiled blocks' kernels as fast
-as the GPU runs them: the H100 profile of 2026-11-24 showed the GPU busy only 58 % of the denoise window
-(about 7 ms idle per step without the profiler). A CUDA graph replays every kernel of the 30 blocks with one
-launch, so Python, Dynamo's guards and torchao's dispatch run once at capture instead of on every step.
+Why: with torchao's fp8 weights (tensor subclasses, replaced since by zimage/fp8.py) the host could not issue
+the compiled blocks' kernels as fast as the GPU ran them: the H100 profile of 2026-11-24 showed the GPU busy
+only 58 % of the denoise window. A CUDA graph replays every kernel of the 30 blocks with one launch, so
+Python and Dynamo's guards run once at capture instead of on every step. Off by default (bf16: no gain).
 
 How: `install` swaps `transformer.layers` for a `GraphedBlocks` -- the same ModuleList (same modules, same
 state-dict keys, so LoRA loading and compile_repeated_blocks see nothing different) whose iteration, during

@@ -20,6 +20,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -241,6 +242,25 @@ class Engine:
         self.loras = lora.LoraRuntime(self.lora_library, transformer, self.device, self.dtype,
                                       self.settings.lora_rank, int(cache_mib * 2**20), mode=mode)
         self.lora_reserve_gib = (slots_gib + cache_mib / 1024) if self.usable_gib is not None else 0.0
+
+    def start_in_background(self, on_failure: Callable[[BaseException], None]) -> threading.Thread:
+        """Load, then warm up (or mark ready), on a background thread; `on_failure` is called if either fails."""
+
+        def run() -> None:
+            try:
+                self.load()
+                if self.settings.warmup_enabled():
+                    self.warm_up()
+                else:
+                    self.mark_ready()
+            except BaseException as exc:  # noqa: BLE001 - reported to the caller, which stops the server
+                self.mark_failed(str(exc))
+                log.error("start-up failed: %s", exc)
+                on_failure(exc)
+
+        thread = threading.Thread(target=run, name="zimage-engine-start", daemon=True)
+        thread.start()
+        return thread
 
     def warm_up(self, shapes: list[warmup.Shape] | None = None) -> list[dict]:
         """One generation per shape the service will serve (warmup.shapes_to_warm by default), then ready.

@@ -8,7 +8,7 @@
                  with a reason and never breaks the listing or other requests.
     LoraLinear   every nn.Linear of the transformer, wrapped: `base(x) + (x @ down.T) @ up.T`, where `down`
                  (R, in) and `up` (out, R) are buffers preallocated once ("slots") of a fixed total rank R
-                 (`--lora-rank`). The base layer is untouched: bf16, or fp8 (torchao) with the LoRA branch a
+                 (`--lora-rank`). The base layer is untouched: bf16, or fp8 (fp8.Fp8Linear) with the LoRA branch a
                  separate bf16 matmul added to its output -- nothing is ever merged into fp8 weights.
     LoraRuntime  owned by the engine, used under its GPU lock: applies a job's LoRAs (each adapter's ranks
                  side by side in the slots, its scale folded into `up`, the unused rest zero) and keeps recently
@@ -20,8 +20,8 @@ new LoRA is new data, not new code. The one Python-level switch, `LoraLinear.act
 wrapper), gives exactly two graphs per compiled block: without LoRAs (the same ops as an unwrapped model, so
 requests without LoRAs pay nothing) and with them; warm-up compiles both when the folder holds LoRAs. This is
 the idea of diffusers' `enable_lora_hotswap(target_rank=...)` for peft (pad every adapter to one rank, scales
-as tensors), extended to several LoRAs at once and to fp8 base layers (peft's hotswap keeps one adapter per
-slot and its torchao support is for merging int8 weights).
+as tensors), extended to several LoRAs at once and to the project's fp8 layers (peft's hotswap keeps one
+adapter per slot, and knows nothing of fp8.Fp8Linear).
 """
 
 from __future__ import annotations
@@ -419,10 +419,10 @@ def _read_header(path: Path) -> tuple[dict, dict | None]:
 
 # ---- the branch on every Linear, and applying a request's set ---------------------------------------------------
 class LoraLinear(torch.nn.Module):
-    """A Linear plus a LoRA branch of fixed rank whose weights are buffers ("slots") rewritten per request.
-    `weight`/`bias` are the base layer's (diffusers reads `mlp[0].weight.dtype`)."""
+    """A Linear (nn.Linear or fp8.Fp8Linear) plus a LoRA branch of fixed rank whose weights are buffers ("slots")
+    rewritten per request. `weight`/`bias` are the base layer's (diffusers reads `mlp[0].weight.dtype`)."""
 
-    def __init__(self, base: torch.nn.Linear, rank: int, device, dtype):
+    def __init__(self, base: torch.nn.Module, rank: int, device, dtype):
         super().__init__()
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
@@ -453,10 +453,11 @@ class LoraLinear(torch.nn.Module):
 
 
 def install(transformer: torch.nn.Module, rank: int, device, dtype) -> dict[str, LoraLinear]:
-    """Wrap every nn.Linear of `transformer` (names as diffusers' LoRA keys use them) in a LoraLinear."""
+    """Wrap every Linear of `transformer` (nn.Linear or fp8.Fp8Linear; names as diffusers' LoRA keys use them)
+    in a LoraLinear."""
     wrappers = {}
     for name, module in list(transformer.named_modules()):
-        if isinstance(module, torch.nn.Linear):
+        if _linears(module):
             parent_name, _, child = name.rpartition(".")
             parent = transformer.get_submodule(parent_name) if parent_name else transformer
             wrapper = LoraLinear(module, rank, device, dtype)
@@ -505,16 +506,19 @@ class LoraStats:
 MODES = ("branch", "merge")
 
 
-def _is_subclass(weight) -> bool:
-    return type(weight) not in (torch.Tensor, torch.nn.Parameter) and hasattr(weight, "__tensor_flatten__")
+def _linears(module: torch.nn.Module) -> bool:
+    from .fp8 import Fp8Linear
+
+    return isinstance(module, (torch.nn.Linear, Fp8Linear))
 
 
-def _snapshot(weight):
-    """A copy of a weight to restore it from: the tensor, or a tensor subclass's inner tensors (fp8 data, scales)."""
-    if _is_subclass(weight):
-        names, _ = weight.__tensor_flatten__()
-        return {name: getattr(weight, name).detach().clone() for name in names}
-    return weight.detach().clone()
+def _snapshot(base):
+    """A copy of a layer's weight to restore it from: the tensor, or an fp8 layer's e4m3 rows and their scales."""
+    from .fp8 import Fp8Linear
+
+    if isinstance(base, Fp8Linear):
+        return {"weight": base.weight.detach().clone(), "weight_scale": base.weight_scale.detach().clone()}
+    return base.weight.detach().clone()
 
 
 def _nbytes(snapshot) -> int:
@@ -522,16 +526,15 @@ def _nbytes(snapshot) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _weight_nbytes(weight) -> int:
-    if _is_subclass(weight):
-        names, _ = weight.__tensor_flatten__()
-        return sum(getattr(weight, n).numel() * getattr(weight, n).element_size() for n in names)
-    return weight.numel() * weight.element_size()
-
-
 def weight_bytes(transformer: torch.nn.Module) -> int:
     """Bytes of every Linear weight of `transformer` (what merge mode keeps a second copy of)."""
-    return sum(_weight_nbytes(m.weight) for m in transformer.modules() if isinstance(m, torch.nn.Linear))
+    total = 0
+    for module in transformer.modules():
+        if _linears(module):
+            total += module.weight.numel() * module.weight.element_size()
+            scale = getattr(module, "weight_scale", None)
+            total += 0 if scale is None else scale.numel() * scale.element_size()
+    return total
 
 
 class LoraRuntime:
@@ -541,7 +544,9 @@ class LoraRuntime:
     mode "merge": a request's LoRAs are added into the layers' weights (W = W0 + sum of scale * up @ down, from a
     copy W0 kept on the device; fp8 weights are dequantized, merged and quantized again in place) and taken out
     again by restoring W0: no per-step cost, a switch rewrites the weights the LoRAs touch, and the device holds a
-    second copy of the transformer's Linear weights. The compiled code is the no-LoRA code throughout."""
+    second copy of the transformer's Linear weights. The compiled code is the no-LoRA code throughout.
+    An fp8 layer (fp8.Fp8Linear) is dequantized from its saved e4m3 rows, merged in float32 and quantized again
+    into the same tensors; without LoRAs its saved rows and scales come back exactly."""
 
     def __init__(self, library: LoraLibrary, transformer: torch.nn.Module, device: str, dtype: torch.dtype,
                  rank: int, cache_bytes: int, mode: str = "branch"):
@@ -556,7 +561,7 @@ class LoraRuntime:
         library.attach(self.targets, self.rank)
         self.slot_bytes = (slot_bytes(self.targets.values(), rank, torch.empty((), dtype=dtype).element_size())
                            if mode == "branch" else 0)
-        self.masters = {name: _snapshot(w.base.weight) for name, w in self.wrappers.items()} if mode == "merge" else {}
+        self.masters = {name: _snapshot(w.base) for name, w in self.wrappers.items()} if mode == "merge" else {}
         self.master_bytes = sum(_nbytes(m) for m in self.masters.values())
         self._merged: set[str] = set()  # layers whose weights hold a LoRA now
         self.cache: collections.OrderedDict[str, Adapter] = collections.OrderedDict()
@@ -687,25 +692,25 @@ class LoraRuntime:
             self._restore(name)
         self._merged = set()
         for name, (up, down) in wanted.items():
-            weight = self.wrappers[name].base.weight
-            master = self.masters[name]
-            if isinstance(master, dict):  # fp8 (torchao): dequantize W0, add, quantize again in place
-                from . import speed
+            base, master = self.wrappers[name].base, self.masters[name]
+            if isinstance(master, dict):  # fp8: W0 from its saved e4m3 rows, + delta in float32, quantized again
+                from .fp8 import quantize_rows
 
-                self._restore(name)
-                value = weight.dequantize()
-                speed.fp8_requantize_(weight, torch.addmm(value, up.to(value.dtype), down.to(value.dtype)))
+                value = master["weight"].float() * master["weight_scale"].reshape(-1, 1)
+                q, scale = quantize_rows(value.addmm_(up.float(), down.float()))
+                base.weight.data.copy_(q)
+                base.weight_scale.copy_(scale.reshape(1, -1))
             else:
-                torch.addmm(master, up.to(master.dtype), down.to(master.dtype), out=weight.data)
+                torch.addmm(master, up.to(master.dtype), down.to(master.dtype), out=base.weight.data)
             self._merged.add(name)
 
     def _restore(self, name: str) -> None:
-        weight, master = self.wrappers[name].base.weight, self.masters[name]
+        base, master = self.wrappers[name].base, self.masters[name]
         if isinstance(master, dict):
-            for inner, saved in master.items():
-                getattr(weight, inner).copy_(saved)
+            base.weight.data.copy_(master["weight"])
+            base.weight_scale.copy_(master["weight_scale"])
         else:
-            weight.data.copy_(master)
+            base.weight.data.copy_(master)
 
     def _adapter(self, name: str) -> Adapter:
         found = self.library.scan().get(name)

@@ -55,8 +55,18 @@ class OutputStore:
         `png`: the images already encoded by images.encode(..., "png", images.metadata(...)), if the caller
         has them (the JSON API's PNG responses), so they are not encoded twice."""
         blobs = png if png is not None else [None] * len(result.images)
-        return [self._writer.submit(self._write, image, result, seed, blob)
-                for image, seed, blob in zip(result.images, result.seeds, blobs)]
+        futures = []
+        for image, seed, blob in zip(result.images, result.seeds, blobs):
+            try:
+                futures.append(self._writer.submit(self._write, image, result, seed, blob))
+            except RuntimeError:  # closed: the service is shutting down and a late job finished; write it here
+                done: Future = Future()
+                try:
+                    done.set_result(self._write(image, result, seed, blob))
+                except OSError as exc:
+                    done.set_exception(exc)
+                futures.append(done)
+        return futures
 
     def _write(self, image, result, seed: int, blob: bytes | None) -> Path:
         meta = images.metadata(result, seed, self.model)

@@ -1,12 +1,12 @@
 """Assembles the service: engine + GPU queue + outputs store + metrics + HTTP routes + Gradio UI in one
-FastAPI app, and loads/warms the engine in the background so /healthz answers from the first second."""
+FastAPI app. The engine loads and warms in the background (Engine.start_in_background), so /healthz answers
+from the first second."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import threading
 from dataclasses import dataclass
-from typing import Callable
 
 import gradio as gr
 from fastapi import FastAPI
@@ -42,6 +42,13 @@ def create_service(settings: Settings, engine: Engine | None = None) -> Service:
     demo.queue(max_size=settings.queue_size, default_concurrency_limit=settings.queue_size + 1)
 
     app = FastAPI(title="Z-Image-Turbo studio", version="1", docs_url=None, redoc_url=None)  # /docs: api.py
+
+    async def finish_writing_outputs() -> None:
+        # Here, not after uvicorn returns: on SIGTERM uvicorn re-raises the signal as its loop ends, which
+        # would kill the process with images still queued for writing.
+        await asyncio.to_thread(store.close)
+
+    app.router.add_event_handler("shutdown", finish_writing_outputs)
     api.install(app, engine=engine, queue=queue, store=store, metrics=metrics, settings=settings)
     settings.outputs.mkdir(parents=True, exist_ok=True)
     # The outputs folder is not an allowed path: the UI gets Gradio's cached copies of the images it shows, and
@@ -54,24 +61,3 @@ def create_service(settings: Settings, engine: Engine | None = None) -> Service:
     app.add_middleware(ui.GenerateArgsCompat, generate_fn_index=getattr(demo, "generate_fn_index", None))
     security.install(app, settings)  # Host/Origin checks, body limits, login throttle: in front of everything
     return Service(app=app, engine=engine, queue=queue, store=store, metrics=metrics)
-
-
-def start_engine(service: Service, on_failure: Callable[[BaseException], None]) -> threading.Thread:
-    """Load, then warm up, on a background thread; `on_failure` is called if either fails."""
-
-    def run() -> None:
-        engine = service.engine
-        try:
-            engine.load()
-            if engine.settings.warmup_enabled():
-                engine.warm_up()
-            else:
-                engine.mark_ready()
-        except BaseException as exc:  # noqa: BLE001 - reported to the caller, which stops the server
-            engine.mark_failed(str(exc))
-            log.error("start-up failed: %s", exc)
-            on_failure(exc)
-
-    thread = threading.Thread(target=run, name="zimage-engine-start", daemon=True)
-    thread.start()
-    return thread

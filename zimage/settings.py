@@ -160,7 +160,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("attention", _attention, "attention backend: auto (fastest available), fa4 (flash-attn-4) or a diffusers backend name"),
     Option("compile", _choice(ON_OFF_AUTO), "regional torch.compile of the transformer: auto (on for CUDA)"),
     Option("fp8", _choice(ON_OFF_AUTO),
-           "fp8 rowwise transformer weights via torchao: auto (on where compute capability >= 8.9 and dtype is bf16)"),
+           "fp8 rowwise transformer weights (zimage/fp8.py): auto (on where compute capability >= 8.9 and dtype is bf16)"),
     Option("memory_profile", _choice(MEMORY_PROFILES),
            "which parts stay on the GPU: auto (chosen from the card's memory), full, 16gb, 12gb"),
     Option("gpu_memory_limit", _gib,

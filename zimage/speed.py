@@ -117,65 +117,36 @@ def apply_attention_backend(transformer, backend: str, real_rope: bool | None = 
 
 
 def fp8_supported(device: str) -> bool:
+    """Rowwise-scaled fp8 GEMMs (`torch._scaled_mm`) need compute capability >= 8.9 (Ada, Hopper, Blackwell)."""
     if not device.startswith("cuda") or not torch.cuda.is_available():
-        return False
-    if importlib.util.find_spec("torchao") is None:
         return False
     return torch.cuda.get_device_capability(torch.device(device)) >= (8, 9)
 
 
 def fp8_wanted(setting: str, device: str, dtype: torch.dtype) -> bool:
-    """auto: on where supported and the weights are bf16 (torchao's rowwise fp8 quantizes bf16 only)."""
+    """auto: on where supported and the weights are bf16 (the fp8 path is measured and bounded for bf16 only)."""
     if setting == "off":
         return False
     if dtype != torch.bfloat16:
         if setting == "on":
-            raise RuntimeError("--fp8 on needs --dtype bf16 (torchao's rowwise fp8 quantizes bf16 weights); "
+            raise RuntimeError("--fp8 on needs --dtype bf16 (fp8 replaces bf16 weights; its error bound is stated for bf16); "
                                "use --dtype bf16, or --fp8 off or auto")
         return False
     supported = fp8_supported(device)
     if setting == "on" and not supported:
-        raise RuntimeError("--fp8 on needs a CUDA GPU with compute capability >= 8.9 and torchao installed; "
+        raise RuntimeError("--fp8 on needs a CUDA GPU with compute capability >= 8.9; "
                            "use --fp8 auto or off")
     return supported
 
 
 def quantize_fp8(module: torch.nn.Module, excluded: tuple[str, ...] = FP8_EXCLUDED, device: str | None = None) -> int:
-    """fp8 rowwise (dynamic activation + weight) on every Linear except `excluded`; returns how many.
+    """fp8 rowwise (dynamic activation + weight) on every Linear except `excluded`; returns how many (fp8.py).
 
     With `device`, each Linear moves there just before it is quantized and the rest follows at the end, so
     peak memory is the fp8 model plus one bf16 layer (a 12 GiB card never holds the 11.5 GiB bf16 copy)."""
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+    from . import fp8
 
-    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
-    count = 0
-    for fqn, mod in list(module.named_modules()):
-        if isinstance(mod, torch.nn.Linear) and not any(e in fqn for e in excluded):
-            if device is not None:
-                mod.to(device)
-            quantize_(mod, config)
-            count += 1
-    if device is not None:
-        module.to(device)
-    return count
-
-
-def fp8_requantize_(weight, value: torch.Tensor) -> None:
-    """Overwrite an fp8 weight (a torchao tensor subclass, as quantize_fp8 made it) in place with `value` (high
-    precision) quantized the same way: its inner tensors (fp8 data, row scales) are rewritten, never replaced,
-    so compiled code that reads them sees new data, not new tensors (LoRA merge mode, lora.py)."""
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
-
-    scratch = torch.nn.Linear(value.shape[1], value.shape[0], bias=False, device=value.device, dtype=value.dtype)
-    with torch.no_grad():
-        scratch.weight.copy_(value)
-    quantize_(scratch, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
-    names, _ = weight.__tensor_flatten__()
-    fresh_names, _ = scratch.weight.__tensor_flatten__()
-    if list(names) != list(fresh_names):
-        raise RuntimeError(f"fp8 weight layout changed ({names} vs {fresh_names}): cannot merge in place")
-    for name in names:
-        getattr(weight, name).copy_(getattr(scratch.weight, name))
+    return fp8.quantize_module(module, excluded, device)
 
 
 def use_compile_cache(folder) -> None:
@@ -186,26 +157,26 @@ def use_compile_cache(folder) -> None:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(folder))
     import torch._dynamo
 
-    # fp8 tensor subclasses can make each repeated block its own compile; the default limit (8) would then
-    # silently leave the later blocks eager.
+    # Room for a few shapes per compiled region (presets x prompt buckets) before Dynamo gives up on one and
+    # silently runs it eager (default limit 8).
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
 
 
 def has_fp8_weights(module: torch.nn.Module) -> bool:
-    """True if torchao replaced any Linear weight by an fp8 tensor subclass."""
-    return any(type(getattr(m, "weight", None)).__module__.startswith("torchao") for m in module.modules())
+    from . import fp8
+
+    return fp8.has_fp8(module)
 
 
 def compile_transformer(transformer, dynamic: bool | None = None, mode: str | None = None) -> None:
     """Regional compile: each repeated ZImageTransformerBlock is compiled once and reused (21 s vs minutes).
 
-    dynamic (None = decide): bf16 compiles shape-generic up front. The sequence length (image tokens + caption
-    padded to 32) differs per preset and prompt, and Dynamo turned the first static graph dynamic at the second
-    length anyway, so every request after warm-up ran the dynamic graph; measured on the H100 (2026-11-24,
-    bf16): 98.7 ms/step either way. fp8 keeps the old static-then-dynamic path: its block compiles took minutes
-    each in this session's runs and the dynamic-up-front variant was not shown to be faster there."""
+    Shape-generic up front: the sequence length (image tokens + caption padded to 32) differs per preset and
+    prompt, and Dynamo turned the first static graph dynamic at the second length anyway, so every request
+    after warm-up ran the dynamic graph; measured on the H100 (2026-11-24, bf16): 98.7 ms/step either way.
+    fp8 weights are plain tensors (fp8.py), so fp8 blocks share one graph the same way."""
     if dynamic is None:
-        dynamic = None if has_fp8_weights(transformer) else True
+        dynamic = True
     transformer.compile_repeated_blocks(fullgraph=True, dynamic=dynamic, mode=mode)
 
 
@@ -219,8 +190,10 @@ def compile_text_encoder(text_encoder, mode: str | None = None) -> None:
     walked 36 guard sets. The pipeline reads hidden states once; it never needs a cache."""
     if hasattr(text_encoder, "config"):
         text_encoder.config.use_cache = False
+    # dynamic: one trace serves every bucket length; a restart (warm Inductor cache) re-traces once, not once
+    # per length seen in warm-up.
     for layer in text_encoder.layers:
-        layer.compile(mode=mode)
+        layer.compile(mode=mode, dynamic=True)
 
 
 def compile_vae_decoder(vae) -> None:
@@ -230,7 +203,9 @@ def compile_vae_decoder(vae) -> None:
     Tiled decode (Ultra, and the engine's OOM fallback) calls the same decoder on tiles of other sizes; it runs
     eagerly (`force_eager`), so tiles never trigger compiles and use no extra compile memory."""
     vae.to(memory_format=torch.channels_last)
-    vae.decoder.compile()
+    # dynamic: one trace for every preset's size (Draft, Standard, High; Ultra decodes tiled, eagerly), so a
+    # restart re-traces the decoder once instead of once per size.
+    vae.decoder.compile(dynamic=True)
     if getattr(vae, "_zimage_tiled_eager", False):
         return
     tiled_decode = vae.tiled_decode

@@ -187,7 +187,9 @@ class Stages:
 
     def decode(self, latents: torch.Tensor, tiled: bool) -> PIL.Image.Image:
         vae = self.pipe.vae
-        scaled = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        # contiguous: inpainting's latents come out of the channels-last VAE encoder channels-last, and the compiled
+        # decoder guards on strides (a second 20 s compile on the first inpaint, H100 2026-11-24).
+        scaled = (latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor).contiguous()
         if tiled:
             vae.enable_tiling()
         try:
