@@ -57,11 +57,13 @@ def write_random_loras(folder: Path, transformer, names, rank: int, seed: int = 
     """Random rank-`rank` LoRAs (diffusers layout, bf16) over TARGETS of every block; returns their layer count."""
     from diffusers import ZImagePipeline
 
+    from zimage.lora import LoraLinear
+
     layers = {}
     for name, module in transformer.named_modules():
-        base = getattr(module, "base", module)  # the engine has wrapped every Linear by now
-        if isinstance(base, torch.nn.Linear) and name.endswith(TARGETS):
-            layers[name] = (base.in_features, base.out_features)
+        if isinstance(module, LoraLinear) and name.endswith(TARGETS):  # every Linear (bf16 or fp8) is wrapped
+            layers[name] = (module.in_features, module.out_features)
+    assert layers, "no LoRA target layers found"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for i, lora_name in enumerate(names):
         g = torch.Generator(device).manual_seed(seed + i)

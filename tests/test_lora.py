@@ -387,3 +387,34 @@ def test_streamed_profile_applies_loras_the_same(demo_engine, lora_dir, tiny_set
     for spec in ("outline:0.7", None, "speckle, smear:0.5"):
         request = GenerationRequest("a red circle on a blue background", seed=2, loras=spec, **SMALL)
         assert np.array_equal(pixels(generate(engine, request)), pixels(generate(demo_engine, request))), spec
+
+
+def test_fp8_layers_take_loras_by_branch_and_by_merge(lora_dir, tiny_settings, monkeypatch):
+    """fp8 (fp8.Fp8Linear: e4m3 rows, `_scaled_mm`, which runs on CPU too) in bf16 on the demo model: the branch
+    leaves the fp8 weights untouched and adds a bf16 matmul; merge dequantizes, adds and quantizes again, and
+    restores the saved rows exactly. Both change the picture the same way, scale 0 is no LoRA."""
+    from zimage import fp8, speed
+
+    monkeypatch.setattr(speed, "fp8_supported", lambda device: True)
+    engines = {}
+    for mode in ("branch", "merge"):
+        engines[mode] = Engine.create(tiny_settings.replace(model="tiny", lora_dir=lora_dir, dtype="bf16", fp8="on",
+                                                            lora_mode=mode))
+        engines[mode].mark_ready()
+    branch, merge = engines["branch"], engines["merge"]
+    assert isinstance(branch.loras.wrappers["layers.0.attention.to_q"].base, fp8.Fp8Linear)
+    saved = {n: w.base.weight.detach().clone() for n, w in merge.loras.wrappers.items()}
+
+    def run(engine, loras):
+        return pixels(generate(engine, GenerationRequest("a large red circle on a blue background", seed=4,
+                                                         loras=loras, **SMALL))).astype(int)
+
+    plain = run(branch, None)
+    assert np.array_equal(run(merge, None), plain)
+    assert np.array_equal(run(branch, "outline:0"), plain)
+    by_branch, by_merge = run(branch, "outline"), run(merge, "outline")
+    effect = np.abs(by_branch - plain).mean()
+    assert effect > 3, effect
+    assert np.abs(by_merge - by_branch).mean() < 0.25 * effect, (np.abs(by_merge - by_branch).mean(), effect)
+    assert np.array_equal(run(merge, None), plain) and np.array_equal(run(branch, None), plain)
+    assert all(torch.equal(w.base.weight, saved[n]) for n, w in merge.loras.wrappers.items())
