@@ -1,16 +1,21 @@
-"""Train a LoRA for the tiny demo model: the "outline" style (shapes drawn as outlines, not filled).
+"""Train a style LoRA for the tiny demo model, with the project's flow-matching recipe, the model frozen.
 
-    python -m zimage.demo.train_lora --out models/tiny-demo-loras          # about 10 minutes on 2 CPU cores
-    python -m zimage.demo.train_lora --smoke --out /tmp/lora               # seconds; checks the wiring
+    python -m zimage.demo.train_lora --style negative --out models/tiny-demo-loras --time-limit 900 --steps 3000 \
+        --rank 8 --alpha 8 --lr 1e-3 --dataset 1024                    # the shipped LoRA: 13 minutes on 2 CPU cores
+    python -m zimage.demo.train_lora --smoke --out /tmp/lora              # seconds; checks the wiring
 
-The base model (models/tiny-demo) stays frozen; a rank-r LoRA on the layers real Z-Image LoRAs train
-(attention to_q/to_k/to_v/to_out.0 and feed_forward w1/w2/w3 of every block, refiners included) learns, by
-the same flow-matching objective and sigma sampling as zimage.demo.train, to turn every caption's picture into
-its outline version (scenes.render(..., outline=OUTLINE)). No trigger word: the LoRA is the style.
+Styles (no trigger word: the LoRA is the style):
+    negative  every palette colour drawn as its opposite (COMPLEMENT), shapes and background; layout unchanged
+    outline   shapes drawn as outlines (scenes.render(..., outline=OUTLINE)); harder: 1200 CPU steps removed the
+              fill without drawing a clean outline (not shipped)
 
-Saved in diffusers' layout (`ZImagePipeline.save_lora_weights`, with r and lora_alpha in its metadata) as
-`<out>/outline.safetensors`, plus `training.json` (command, steps, losses, seconds, the measured effect) and
-SHA256SUMS. `python -m zimage.demo.lora_formats` re-saves it in the kohya/musubi and ComfyUI layouts
+A rank-r LoRA on the layers real Z-Image LoRAs train (attention to_q/to_k/to_v/to_out.0 and feed_forward
+w1/w2/w3 of every block, refiners included) learns, by the same flow-matching objective and sigma sampling as
+zimage.demo.train, to draw each caption's scene in the style. `--dataset N` renders and VAE-encodes N scenes once.
+
+Saved in diffusers' layout (`ZImagePipeline.save_lora_weights`, r and lora_alpha in its metadata) as
+`<out>/<style>.safetensors`, plus `<style>.training.json` (command, steps, losses, seconds, the measured effect)
+and SHA256SUMS. `python -m zimage.demo.lora_formats` re-saves it in the kohya/musubi and ComfyUI layouts
 (tests/fixtures/loras/).
 """
 
