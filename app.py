@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import socket
 import sys
+import threading
 
 from zimage import memory
 
@@ -70,8 +71,20 @@ def main(argv: list[str] | None = None) -> int:
     from zimage.server import create_service
 
     service = create_service(settings, engine)
-    server = uvicorn.Server(uvicorn.Config(service.app, log_level="warning", access_log=False,
-                                           timeout_graceful_shutdown=30))
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            # SIGTERM: running and queued generations get `shutdown_grace` seconds, then are cancelled with a 503
+            # + Retry-After, inside uvicorn's own graceful window (which would otherwise cut them with a 500).
+            if not self.should_exit:
+                timer = threading.Timer(settings.shutdown_grace, service.queue.stop,
+                                        args=("the service is restarting; retry in a few seconds",))
+                timer.daemon = True
+                timer.start()
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(service.app, log_level="warning", access_log=False,
+                                   timeout_graceful_shutdown=settings.shutdown_grace + 10))
     if failures:  # failed while the web stack was importing
         server.should_exit = True
     log.info("serving on http://%s:%d (model %s)", settings.host, settings.port, settings.model)

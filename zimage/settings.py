@@ -169,6 +169,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("host", _text, "address to bind; 0.0.0.0 to serve other machines"),
     Option("port", _int_range(1, 65535), "port to bind"),
     Option("queue_size", _int_range(1, 10_000), "requests allowed to wait for the GPU; more get 'busy' / HTTP 429"),
+    Option("shutdown_grace", _int_range(0, 3600), "seconds a stopping service (SIGTERM: supervisorctl stop/restart) "
+           "lets running and queued generations finish before it cancels them with HTTP 503 + Retry-After"),
     Option("auth", _auth, "user:password protecting the UI and the JSON API (empty: no auth)"),
     Option("allowed_hosts", parse_allowed_hosts,
            "extra Host names to answer to, comma-separated (name, name:port, IP); loopback names and a specific "
@@ -198,6 +200,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 7860
     queue_size: int = 32
+    shutdown_grace: int = 20  # supervisord's stopwaitsecs (45) covers it plus the answers and the outputs flush
     auth: str = ""
     allowed_hosts: tuple[str, ...] = ()
     allow_public_no_auth: bool = False
