@@ -34,6 +34,12 @@ QUALITY_ALIASES = {"low": "Draft", "medium": "Standard", "standard": "Standard",
                    "high": "High", "hd": "High"}
 
 
+class LoraItem(BaseModel):
+    name: str = Field(..., description="A LoRA file's name in the server's LoRA folder, without '.safetensors'")
+    scale: float = Field(1.0, ge=-requests.LORA_SCALE_LIMIT, le=requests.LORA_SCALE_LIMIT,
+                         description="Strength: 1 as trained, 0 off, negative inverts it")
+
+
 class ImagesGenerationBody(BaseModel):
     """Documents the request body in /openapi.json; parsing is done by hand for clearer messages."""
 
@@ -49,6 +55,8 @@ class ImagesGenerationBody(BaseModel):
     seed: int | None = Field(None, description=f"Extension: 0..{SEED_MAX}, or -1/null for random")
     steps: int | None = Field(None, ge=MIN_STEPS, le=MAX_STEPS,
                               description="Extension: denoising steps (default: the quality's)")
+    loras: list[LoraItem] | None = Field(None, description="Extension: LoRAs from the server's LoRA folder (GET "
+                                         "/v1/loras), at most --max-loras; also `<lora:name:scale>` in the prompt")
 
 
 class ApiError(Exception):
@@ -97,7 +105,8 @@ def parse_generation_body(body) -> tuple[GenerationRequest, str]:
                            param="size")
         width, height = int(match.group(1)), int(match.group(2))
     request = GenerationRequest(prompt=body["prompt"], preset=quality, aspect=body.get("aspect"), width=width,
-                                height=height, steps=body.get("steps"), seed=body.get("seed"), n=body.get("n", 1))
+                                height=height, steps=body.get("steps"), seed=body.get("seed"), n=body.get("n", 1),
+                                loras=body.get("loras"))
     return request, output_format.lower()
 
 
@@ -230,10 +239,22 @@ def install(app: FastAPI, *, engine, queue, store, metrics, settings) -> None:
             warnings.append(f"images are not being saved to the outputs folder: {save_problem}")
         task = ({"task": result.task, "strength": result.strength, "input_sha256": result.input_sha256}
                 if job.task != "text-to-image" else {})
+        if result.loras:
+            task["loras"] = result.loras
         return {"created": int(time.time()), "data": data, "output_format": output_format,
                 "size": f"{result.width}x{result.height}", "quality": result.preset,
                 "zimage": {**task, "seeds": result.seeds, "steps": result.steps, "timings": result.timings,
                            "peak_vram_bytes": result.peak_vram_bytes, "warnings": warnings}}
+
+    @router.get("/v1/loras")
+    async def loras(request: Request):
+        """The LoRA folder, rescanned: each file's name (what requests use), rank, size, layers, whether it loads
+        (and why not) and whether it is on the device now; plus the limits requests must keep."""
+        check_auth(request)
+        listing = await asyncio.to_thread(engine.list_loras)  # reads file headers: off the event loop
+        return {"object": "list", "data": listing, "max_loras": settings.max_loras if settings.loras_enabled() else 0,
+                "rank_budget": settings.lora_rank, "scale_range": [-requests.LORA_SCALE_LIMIT,
+                                                                   requests.LORA_SCALE_LIMIT]}
 
     @router.post("/v1/images/generations", openapi_extra={"requestBody": {
         "required": True, "content": {"application/json": {"schema": ImagesGenerationBody.model_json_schema()}}}})
@@ -277,7 +298,7 @@ def _encode_all(result, output_format: str, model: str) -> tuple[list[dict], lis
 # Two input files (image, mask) at their limit plus the text fields; anything past this is refused while reading.
 MAX_EDIT_BODY_BYTES = security.BODY_LIMITS["/v1/images/edits"]
 EDIT_FIELDS = ("prompt", "n", "size", "quality", "aspect", "response_format", "output_format", "seed", "steps",
-               "strength")
+               "strength", "loras")
 
 
 class ImagesEditForm(BaseModel):
@@ -302,6 +323,7 @@ class ImagesEditForm(BaseModel):
     output_format: str = Field("png")
     seed: int | None = Field(None)
     steps: int | None = Field(None, ge=MIN_STEPS, le=MAX_STEPS)
+    loras: str | None = Field(None, description="Extension: LoRAs as text, 'name:scale, name' (or a JSON list)")
 
 
 async def read_bounded(request: Request, limit: int) -> bytes:

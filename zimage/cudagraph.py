@@ -52,6 +52,9 @@ class GraphedBlocks(torch.nn.ModuleList):
         self.replays = 0
         self._pool = None
         self._runner_active = False
+        # More parts of a graph's key, besides the input shapes: Python state the captured kernels depend on
+        # (lora.py adds whether the LoRA branch runs).
+        self.key_parts: list = []
 
     # diffusers iterates the blocks; during graphed inference it gets a single runner instead.
     def __iter__(self):
@@ -75,7 +78,8 @@ class GraphedBlocks(torch.nn.ModuleList):
     def _run(self, x, mask, freqs, adaln=None, noise_mask=None, t_noisy=None, t_clean=None):
         if mask is not None or noise_mask is not None or adaln is None or not x.is_cuda:
             return self._loop(x, mask, freqs, adaln, noise_mask, t_noisy, t_clean)
-        key = (tuple(x.shape), x.dtype, tuple(freqs.shape), freqs.dtype, tuple(adaln.shape), adaln.dtype, x.device)
+        key = (tuple(x.shape), x.dtype, tuple(freqs.shape), freqs.dtype, tuple(adaln.shape), adaln.dtype, x.device,
+               *(part() for part in self.key_parts))
         entry = self.graphs.get(key)
         if entry is None:
             entry = self._capture(key, x, freqs, adaln)

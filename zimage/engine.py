@@ -24,10 +24,10 @@ from typing import Callable
 
 import torch
 
-from . import compile_cache, loading, memory, speed, warmup
+from . import compile_cache, loading, lora, memory, speed, warmup
 from .interface import EngineState, EngineStatus, ProgressFn
 from .request import (GenerationCancelled, GenerationRequest, GenerationResult, Job,
-                      OutOfMemory, RequestError, resolve)
+                      OutOfMemory, RequestError, check_lora_limit, resolve)
 from .settings import Settings
 from .stages import MAX_SEQUENCE_LENGTH, Stages, count_prompt_tokens, memory_note
 
@@ -116,6 +116,10 @@ class Engine:
         self._concurrency_count = threading.Lock()
         self._concurrent = 0
         self._oom_times: collections.deque[float] = collections.deque()
+        # LoRAs (lora.py): the folder is read from the start (listing); slots go on the transformer at load.
+        self.lora_library = lora.LoraLibrary(settings.lora_dir)
+        self.loras: lora.LoraRuntime | None = None
+        self.lora_reserve_gib = 0.0  # GPU memory LoRA slots and cache take beside the model
 
     # ---- the interface (interface.ImageEngine) ---------------------------------------------------
     def status(self) -> EngineStatus:
@@ -133,13 +137,25 @@ class Engine:
             "fp8": self.fp8,
             "memory_profile": self.placement.profile.name if self.placement else None,
             "usable_gib": round(self.usable_gib, 1) if self.usable_gib else None,
+            "lora": self.loras.describe() if self.loras else None,
         }
+
+    def list_loras(self) -> list[dict]:
+        """Every file of the LoRA folder: name, rank, size, layers, whether it loads (and why not), whether it
+        is on the device now. Rescans the folder."""
+        loaded = self.loras.loaded_names() if self.loras else set()
+        return [info.as_dict(loaded=info.name in loaded) for info in self.lora_library.listing()]
 
     def resolve(self, request: GenerationRequest) -> Job:
         """Validate a request (RequestError on mistakes), decide its memory plan, count its prompt tokens."""
         job = resolve(request)
+        if job.loras:
+            check_lora_limit(job, self.settings.max_loras if self.settings.loras_enabled() else 0)
+            if self.loras is not None:
+                self.loras.check(job.loras)  # each name a usable file of the folder, ranks fit the slots
         if self.placement is not None:
-            reason = memory.refusal(self.placement.profile.name, self.fp8, job.tier, self.usable_gib)
+            reason = memory.refusal(self.placement.profile.name, self.fp8, job.tier, self.usable_gib,
+                                    self.lora_reserve_gib)
             if reason:
                 raise RequestError(reason, "preset")
             job = dataclasses.replace(job, vae_tiling=self.placement.plan_tiled_decode(job.tier))
@@ -175,7 +191,9 @@ class Engine:
                 memory.apply_memory_limit(self.device, self.settings.gpu_memory_limit)
             self.fp8 = speed.fp8_wanted(self.settings.fp8, self.device, self.dtype)
             self.usable_gib = memory.usable_gib(self.device)
-            profile = memory.choose_profile(self.settings.memory_profile, self.usable_gib, self.fp8)
+            lora_gib = (lora.reserve_gib(self.settings.lora_rank, self.settings.lora_mode, self.fp8)
+                        if self.settings.loras_enabled() else 0.0)
+            profile = memory.choose_profile(self.settings.memory_profile, self.usable_gib, self.fp8, lora_gib)
             if pipe is None:
                 pipe = loading.load_pipeline(self.settings, build_device=self.device if profile == "full" else "cpu")
             pipe.set_progress_bar_config(disable=True)
@@ -183,6 +201,8 @@ class Engine:
             self.placement.place()  # fp8 quantization happens here, before any compile (order matters)
             self.attention_backend = speed.choose_attention_backend(self.settings.attention, self.device)
             speed.apply_attention_backend(pipe.transformer, self.attention_backend)
+            if self.settings.loras_enabled():  # slots on every Linear: after fp8 quantization, before compile
+                self._install_loras(pipe.transformer, profile, lora_gib)
             if self.settings.compile_enabled():
                 speed.use_compile_cache(self.settings.cache_dir / "inductor")
                 # Saved artifacts for exactly these settings go in before anything compiles (compile_cache.py).
@@ -200,6 +220,28 @@ class Engine:
             raise
         self._state = EngineState.WARMING
         log.info("engine loaded: %s", self.describe())
+
+    def _install_loras(self, transformer, profile: str, slots_gib: float) -> None:
+        """LoRA slots on the transformer, and the device cache's budget: the setting, or what the profile leaves
+        free beside the largest tier (so the 16gb and 12gb profiles keep their margins)."""
+        mode = self.settings.lora_mode
+        cache_mib = float(self.settings.lora_cache_mib)
+        if mode == "merge":  # a second copy of every Linear weight stays on the device
+            if self.placement.profile.transformer_streamed:
+                raise RuntimeError("--lora-mode merge needs the transformer resident on the GPU (memory profile full "
+                                   "or 16gb); use --lora-mode branch with this memory profile")
+            slots_gib = lora.weight_bytes(transformer) / 2**30
+        if self.usable_gib is not None:
+            room = (self.usable_gib - memory.HEADROOM_GIB - slots_gib
+                    - max(memory.EXPECTED_PEAK_GIB[(profile, self.fp8)].values()))
+            if room < 0:
+                raise RuntimeError(f"--lora-mode {mode} needs {slots_gib:.1f} GiB beside the model and this GPU has "
+                                   f"{room + slots_gib:.1f} GiB to spare with the {profile} profile: use --lora-mode "
+                                   "branch, a lower --lora-rank, or --lora-rank 0 (LoRAs off)")
+            cache_mib = max(0.0, min(cache_mib, room * 1024))
+        self.loras = lora.LoraRuntime(self.lora_library, transformer, self.device, self.dtype,
+                                      self.settings.lora_rank, int(cache_mib * 2**20), mode=mode)
+        self.lora_reserve_gib = (slots_gib + cache_mib / 1024) if self.usable_gib is not None else 0.0
 
     def start_in_background(self, on_failure: Callable[[BaseException], None]) -> threading.Thread:
         """Load, then warm up (or mark ready), on a background thread; `on_failure` is called if either fails."""
@@ -222,16 +264,28 @@ class Engine:
 
     def warm_up(self, shapes: list[warmup.Shape] | None = None) -> list[dict]:
         """One generation per shape the service will serve (warmup.shapes_to_warm by default), then ready.
-        Returns seconds per shape (also in status().warm)."""
+        Returns seconds per shape (also in status().warm). A compiled engine whose LoRA folder holds LoRAs also
+        runs its first two shapes through the LoRA branch (zero weights), so a first LoRA request compiles nothing."""
         report = []
-        for request in warmup.requests(shapes if shapes is not None else warmup.shapes_to_warm(self.compiled)):
+        shapes = shapes if shapes is not None else warmup.shapes_to_warm(self.compiled)
+        runs = [(request, False) for request in warmup.requests(shapes)]
+        if (self.loras is not None and self.loras.mode == "branch" and self.compiled
+                and any(i.ok for i in self.lora_library.listing())):
+            runs += [(dataclasses.replace(request, steps=1), True) for request in warmup.requests(shapes[:2])]
+        for request, with_lora in runs:
             t0 = time.perf_counter()
-            result = self._generate(self.resolve(request), None, None, allow_warming=True)
+            if with_lora:
+                with self.loras.warming():
+                    result = self._generate(self.resolve(request), None, None, allow_warming=True)
+            else:
+                result = self._generate(self.resolve(request), None, None, allow_warming=True)
             entry = {"preset": request.preset, "aspect": request.aspect, "width": result.width,
                      "height": result.height, "steps": result.steps, "seconds": round(time.perf_counter() - t0, 3)}
+            if with_lora:
+                entry["lora_branch"] = True
             report.append(entry)
-            log.info("warm-up %s %s %dx%d: %.2fs", request.preset, request.aspect, result.width, result.height,
-                     entry["seconds"])
+            log.info("warm-up %s %s %dx%d%s: %.2fs", request.preset, request.aspect, result.width, result.height,
+                     " (LoRA branch)" if with_lora else "", entry["seconds"])
         self.mark_ready(report)
         return report
 
@@ -312,13 +366,38 @@ class Engine:
             self._concurrent += 1
             self.stats.max_concurrent = max(self.stats.max_concurrent, self._concurrent)
         try:
+            applied, lora_seconds = [], None
+            if self.loras is not None:  # under the GPU lock: this job's LoRAs and nobody else's
+                t0 = time.perf_counter()
+                applied = self._apply_loras(job)
+                lora_seconds = time.perf_counter() - t0
             result = self.stages.run(job, on_progress, cancel)
+            result.loras = applied
+            if job.loras and lora_seconds is not None:
+                result.timings["lora"] = round(lora_seconds, 4)
         finally:
             with self._concurrency_count:
                 self._concurrent -= 1
         log.info("generated %s %dx%d steps=%d n=%d in %.2fs", job.preset, job.width, job.height, job.steps,
                  len(job.seeds), result.timings["total"])
         return result
+
+    def _apply_loras(self, job: Job) -> list[dict]:
+        """This job's LoRAs into the transformer; out of memory (reading a LoRA onto the GPU) frees the LoRA cache
+        and tries once more, then says so."""
+        for attempt in (1, 2):
+            try:
+                return self.loras.apply(job.loras)
+            except lora.LoraError as exc:
+                raise RequestError(str(exc), "loras") from None
+            except torch.OutOfMemoryError:
+                self._note_oom("handled" if attempt == 1 else "failed", "lora", job,
+                               "retry with the LoRA cache emptied" if attempt == 1 else "giving up")
+            self.loras.drop_cache()
+            memory.release_memory(self.device)
+        raise OutOfMemory(f"out of GPU memory loading the LoRAs {', '.join(s.name for s in job.loras)}; "
+                          f"{memory_note(self.device, '{free:.1f} GiB free of {total:.1f} GiB', 'memory exhausted')}. "
+                          "Try fewer or smaller LoRAs.", "lora")
 
     # ---- out of memory, fatal errors -------------------------------------------------------------
     def _note_oom(self, kind: str, stage: str, job: Job, action: str) -> None:

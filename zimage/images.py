@@ -34,17 +34,26 @@ def metadata(result, seed: int, model: str) -> dict[str, Any]:
     task = getattr(result, "task", "text-to-image")
     if task != "text-to-image":  # an edit: what it started from (the input itself is not stored)
         meta.update(task=task, strength=result.strength, input_sha256=result.input_sha256)
+    if getattr(result, "loras", None):  # as applied: name, scale, A1111 short hash, file sha256
+        meta["loras"] = [dict(entry) for entry in result.loras]
     return meta
 
 
 def parameters_text(meta: dict[str, Any]) -> str:
-    text = (f"{meta['prompt']}\nSteps: {meta['steps']}, Sampler: {meta['sampler']}, CFG scale: "
+    loras = meta.get("loras") or []
+    prompt = meta["prompt"]
+    if loras:  # A1111 keeps <lora:name:scale> in the prompt and names each file by its hash
+        prompt += " " + " ".join(f"<lora:{entry['name']}:{entry['scale']:g}>" for entry in loras)
+    text = (f"{prompt}\nSteps: {meta['steps']}, Sampler: {meta['sampler']}, CFG scale: "
             f"{meta['guidance_scale']:g}, Seed: {meta['seed']}, Size: {meta['width']}x{meta['height']}, "
             f"Model: {meta['model']}, Preset: {meta['preset']}")
     if meta.get("task") not in (None, "text-to-image"):
         # A1111 writes img2img's strength as "Denoising strength"; the input is named by its hash.
         text += (f", Task: {meta['task']}, Denoising strength: {meta.get('strength')}, "
                  f"Input sha256: {meta.get('input_sha256')}")
+    hashes = [f"{entry['name']}: {entry['hash']}" for entry in loras if entry.get("hash")]
+    if hashes:
+        text += f', Lora hashes: "{", ".join(hashes)}"'
     return text
 
 
@@ -96,7 +105,8 @@ def save_png(image: PIL.Image.Image, path: Path, result, seed: int, model: str) 
     return write_atomic(path, png_bytes(image, metadata(result, seed, model)))
 
 
-_PARAM_FIELD = re.compile(r"\s*([A-Za-z][A-Za-z0-9 ]*):\s*([^,]*)")
+_PARAM_FIELD = re.compile(r'\s*([A-Za-z][A-Za-z0-9 ]*):\s*("(?:\\.|[^\\"])*"|[^,]*)')
+_LORA_TAG = re.compile(r"<lora:([^<>:]+)(?::([^<>:]*))?(?::[^<>]*)?>", re.IGNORECASE)
 
 
 def read_parameters(source: str | Path | bytes | PIL.Image.Image) -> dict[str, Any]:
@@ -121,7 +131,13 @@ def parse_parameters_text(text: str) -> dict[str, Any]:
         raise ValueError("the 'parameters' text has no 'Steps:' line")
     prompt_lines = [line for line in lines[:last] if not line.startswith("Negative prompt:")]
     fields = {k.strip().lower(): v.strip() for k, v in _PARAM_FIELD.findall(lines[last])}
-    meta: dict[str, Any] = {"prompt": "\n".join(prompt_lines)}
+    fields = {k: v[1:-1] if len(v) >= 2 and v[0] == v[-1] == '"' else v for k, v in fields.items()}
+    prompt = "\n".join(prompt_lines)
+    meta: dict[str, Any] = {"prompt": prompt}
+    loras = _prompt_loras(prompt, fields.get("lora hashes", ""))
+    if loras:
+        meta["prompt"] = re.sub(r"[ \t]{2,}", " ", _LORA_TAG.sub(" ", prompt)).strip()
+        meta["loras"] = loras
     if "steps" in fields and fields["steps"].isdigit():
         meta["steps"] = int(fields["steps"])
     if "seed" in fields and fields["seed"].isdigit():
@@ -136,3 +152,22 @@ def parse_parameters_text(text: str) -> dict[str, Any]:
     if re.fullmatch(r"[0-9.]+", fields.get("denoising strength", "")):
         meta["strength"] = float(fields["denoising strength"])
     return meta
+
+
+def _prompt_loras(prompt: str, hashes: str) -> list[dict[str, Any]]:
+    """LoRAs named in an A1111 prompt (`<lora:name:scale>`; a second multiplier, A1111's text encoder's, is
+    ignored) with their hashes from the `Lora hashes` field."""
+    known = {}
+    for item in hashes.split(","):
+        name, _, digest = item.rpartition(":")
+        if name.strip():
+            known[name.strip()] = digest.strip()
+    loras = []
+    for match in _LORA_TAG.finditer(prompt):
+        try:
+            scale = float(match.group(2)) if match.group(2) and match.group(2).strip() else 1.0
+        except ValueError:
+            scale = 1.0
+        name = match.group(1).strip()
+        loras.append({"name": name, "scale": scale, **({"hash": known[name]} if name in known else {})})
+    return loras

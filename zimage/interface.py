@@ -4,6 +4,8 @@
     resolve(GenerationRequest)             -> Job (validated; RequestError says what to change)
     generate(Job, on_progress, cancel)     -> GenerationResult (EngineError subclasses on failure)
     describe()                             -> dict: model, device, dtype, attention, compile, fp8, memory profile
+    list_loras()                           -> list of dicts: the LoRA folder's files (name, rank, size, layers,
+                                              whether each loads and why not, whether it is on the device now)
 
 Front ends (UI, JSON API, metrics, CLI, warm-up) import this module and `request`, never the engine's
 insides. `Engine` in engine.py is the in-process implementation.
@@ -67,3 +69,5 @@ class ImageEngine(Protocol):
                  cancel: threading.Event | None = None) -> GenerationResult: ...
 
     def describe(self) -> dict: ...
+
+    def list_loras(self) -> list[dict]: ...

@@ -137,29 +137,31 @@ def usable_gib(device: str) -> float | None:
     return total * _cap_fraction(dev) / GIB
 
 
-def choose_profile(setting: str, usable: float | None, fp8: bool) -> str:
-    """`auto`: the fastest profile whose largest tier fits `usable` GiB (None: no GPU, nothing to fit)."""
+def choose_profile(setting: str, usable: float | None, fp8: bool, extra_gib: float = 0.0) -> str:
+    """`auto`: the fastest profile whose largest tier fits `usable` GiB (None: no GPU, nothing to fit), with
+    `extra_gib` more in use (LoRA slots)."""
     if setting != "auto":
         return setting
     if usable is None:
         return "full"
     for name in PROFILE_ORDER:
-        if max(EXPECTED_PEAK_GIB[(name, fp8)].values()) + HEADROOM_GIB <= usable:
+        if max(EXPECTED_PEAK_GIB[(name, fp8)].values()) + extra_gib + HEADROOM_GIB <= usable:
             return name
     return PROFILE_ORDER[-1]
 
 
-def refusal(profile: str, fp8: bool, tier: str, usable: float | None) -> str | None:
-    """Why `tier` cannot be served by `profile` on this card, or None if it can."""
+def refusal(profile: str, fp8: bool, tier: str, usable: float | None, extra_gib: float = 0.0) -> str | None:
+    """Why `tier` cannot be served by `profile` on this card, or None if it can (`extra_gib`: LoRA slots and
+    cache, resident beside the model)."""
     if usable is None:
         return None
-    need = EXPECTED_PEAK_GIB[(profile, fp8)][tier]
+    need = EXPECTED_PEAK_GIB[(profile, fp8)][tier] + extra_gib
     if need + HEADROOM_GIB <= usable:
         return None
-    ok = [t for t, gib in EXPECTED_PEAK_GIB[(profile, fp8)].items() if gib + HEADROOM_GIB <= usable]
+    ok = [t for t, gib in EXPECTED_PEAK_GIB[(profile, fp8)].items() if gib + extra_gib + HEADROOM_GIB <= usable]
     instead = f"use {', '.join(ok)}" if ok else "no preset fits; use a GPU with more memory"
     return (f"{tier} needs about {need:.1f} GiB of GPU memory with the {profile} memory profile"
-            f"{' and fp8' if fp8 else ''}, and this GPU allows {usable:.1f} GiB: {instead}")
+            f"{' and fp8' if fp8 else ''}{' and LoRA slots' if extra_gib else ''}, and this GPU allows {usable:.1f} GiB: {instead}")
 
 
 class Placement:

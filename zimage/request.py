@@ -71,6 +71,9 @@ class GenerationRequest:
     image: Any = None  # the init image: encoded bytes (PNG, JPEG or WebP) or a PIL image
     mask: Any = None  # where to repaint: transparent pixels if it has any, else white (>= 128) pixels
     strength: Union[float, str, None] = None  # 0..1: how far from the input the result may go
+    # LoRAs from the folder (see parse_loras): [{"name": "ink", "scale": 0.8}, ...], (name, scale) pairs,
+    # LoraSpec, or text "ink:0.8, oil". `<lora:name:scale>` tags in the prompt are added to these.
+    loras: Any = None
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,7 @@ class Job:
     mask: Any = None
     strength: float | None = None
     input_sha256: str | None = None  # of the input image as sent (its file bytes), for the PNG metadata
+    loras: tuple["LoraSpec", ...] = ()  # validated names and scales; the engine checks they exist and fit
 
     @property
     def denoise_steps(self) -> int:
@@ -119,6 +123,7 @@ class GenerationResult:
     task: str = "text-to-image"
     strength: float | None = None
     input_sha256: str | None = None
+    loras: list[dict] = field(default_factory=list)  # as applied: name, scale, hash (A1111 short), sha256
 
 
 def _as_int(value: Any, param: str, what: str) -> int:
@@ -152,9 +157,12 @@ def resolve(request: GenerationRequest) -> Job:
         raise RequestError(str(exc), "prompt") from None
     if removed:
         warnings.append(removed)
-    prompt = cleaned.strip()
+    prompt, tagged = parse_prompt_loras(cleaned)  # <lora:name:scale> tags leave the text here
+    prompt = prompt.strip()
     if not prompt:
-        raise RequestError("prompt is empty: describe the image you want", "prompt")
+        raise RequestError("prompt is empty: describe the image you want" +
+                           (" (besides the <lora:...> tags)" if tagged else ""), "prompt")
+    loras = merge_loras(parse_loras(request.loras), tagged)
 
     custom = request.width is not None or request.height is not None
     if custom:
@@ -214,7 +222,7 @@ def resolve(request: GenerationRequest) -> Job:
     seeds = tuple((seed + i) % (SEED_MAX + 1) for i in range(n))
 
     return Job(prompt=prompt, preset=preset_label, tier=size_tier.name, width=width, height=height, steps=steps,
-               seeds=seeds, warnings=tuple(warnings))
+               seeds=seeds, warnings=tuple(warnings), loras=loras)
 
 
 def _find(table: dict, name: Any):
@@ -406,3 +414,161 @@ def resolve_edit(request: GenerationRequest) -> Job:
                         "input image")
     return dataclasses.replace(job, task=task, init_image=init, mask=mask, strength=strength, input_sha256=digest,
                                warnings=tuple(job_warnings + warnings))
+
+
+# ---- LoRAs: names and scales (the engine checks that each name is a file in its folder and that they fit) ----------
+MAX_LORAS = 8  # the most --max-loras may allow; the engine applies the configured limit (check_lora_limit)
+DEFAULT_MAX_LORAS = 4
+LORA_SCALE_LIMIT = 4.0  # |scale| <= this
+# A LoRA is named by its file's stem. Letters, digits, '_', '.', '-', '+' and inner spaces; never a path.
+LORA_NAME = re.compile(r"[^\W_]|\w[\w.+ -]{0,98}[\w.+-]", re.UNICODE)
+_LORA_TAG = re.compile(r"<lora:([^<>]*)>", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    name: str
+    scale: float = 1.0
+    source: str = "loras"  # "loras" (the request field) or "prompt" (a <lora:...> tag): names the field in errors
+
+
+def lora_name_problem(name: Any) -> str | None:
+    """Why `name` cannot name a LoRA in the folder, or None. Names are file stems, never paths."""
+    if not isinstance(name, str) or not name:
+        return f"a LoRA name must be non-empty text; got {name!r}"
+    if "/" in name or "\\" in name or ".." in name or name.startswith("."):
+        return f"LoRA name {name[:60]!r} looks like a path: give the name of a file in the LoRA folder, without folders"
+    if not LORA_NAME.fullmatch(name):
+        return (f"LoRA name {name[:60]!r} is not valid: use the file's name without '.safetensors' (letters, digits, "
+                "'_', '-', '.', '+' and spaces, up to 100 characters)")
+    return None
+
+
+def _as_scale(value: Any, name: str, param: str) -> float:
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise RequestError(f"LoRA {name!r}: scale must be a number from {-LORA_SCALE_LIMIT:g} to "
+                               f"{LORA_SCALE_LIMIT:g}; got {value!r}", param) from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise RequestError(f"LoRA {name!r}: scale must be a number from {-LORA_SCALE_LIMIT:g} to "
+                           f"{LORA_SCALE_LIMIT:g}; got {value!r}", param)
+    if not -LORA_SCALE_LIMIT <= value <= LORA_SCALE_LIMIT:
+        raise RequestError(f"LoRA {name!r}: scale {value:g} is out of range: use {-LORA_SCALE_LIMIT:g} to "
+                           f"{LORA_SCALE_LIMIT:g} (1 is the LoRA as trained, 0 turns it off)", param)
+    return float(value)
+
+
+def _spec(name: Any, scale: Any, source: str) -> LoraSpec:
+    param = "prompt" if source == "prompt" else "loras"
+    if isinstance(name, str):
+        name = name.strip()
+    problem = lora_name_problem(name)
+    if problem:
+        raise RequestError(problem, param)
+    return LoraSpec(name, 1.0 if scale is None else _as_scale(scale, name, param), source)
+
+
+def parse_prompt_loras(prompt: str) -> tuple[str, tuple[LoraSpec, ...]]:
+    """A1111's prompt syntax: `<lora:name:scale>` anywhere (a bare `<lora:name>` is scale 1). Returns the prompt
+    without the tags (unchanged when it has none) and the LoRAs in order."""
+    if "<" not in prompt or not _LORA_TAG.search(prompt):
+        return prompt, ()
+    specs = []
+    for match in _LORA_TAG.finditer(prompt):
+        parts = match.group(1).split(":")
+        if len(parts) > 2:
+            raise RequestError(f"{match.group(0)[:80]!r}: write <lora:name:scale> (one scale; this model has no "
+                               "text-encoder LoRA part)", "prompt")
+        specs.append(_spec(parts[0], parts[1] if len(parts) == 2 and parts[1].strip() else None, "prompt"))
+    text = _LORA_TAG.sub(" ", prompt)
+    text = re.sub(r"[ \t]{2,}", " ", text)
+    text = re.sub(r" +([,.;:!?，。])", r"\1", text)  # "a cat <lora:x>, red" -> "a cat, red"
+    return text.strip(), tuple(specs)
+
+
+def parse_loras(value: Any) -> tuple[LoraSpec, ...]:
+    """The request's `loras` field: None; a list of {"name", "scale"} objects, (name, scale) pairs, names or
+    LoraSpec; or text "ink:0.8, oil" (also "<lora:ink:0.8>"), the form the UI and the Gradio API send."""
+    if value is None or value == "" or value == []:
+        return ()
+    if isinstance(value, str):
+        if len(value) > MAX_PROMPT_CHARS:
+            raise RequestError(f"loras is {len(value)} characters; the limit is {MAX_PROMPT_CHARS}", "loras")
+        if value.lstrip().startswith(("[", "{")):  # JSON, as a multipart form field carries it
+            import json
+
+            try:
+                return parse_loras(json.loads(value))
+            except (ValueError, RecursionError):
+                raise RequestError('loras is not valid JSON: send [{"name": "ink", "scale": 0.8}] or "ink:0.8"',
+                                   "loras") from None
+        rest, tagged = parse_prompt_loras(value)
+        specs = [LoraSpec(s.name, s.scale, "loras") for s in tagged]
+        for item in filter(None, (t.strip() for t in re.split(r"[,\n;]", rest))):
+            name, _, scale = item.rpartition(":") if ":" in item else (item, "", None)
+            specs.append(_spec(name, scale if scale not in (None, "") else None, "loras"))
+        return tuple(specs)
+    if isinstance(value, (dict, LoraSpec)):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise RequestError('loras must be a list like [{"name": "ink", "scale": 0.8}]; got '
+                           f"{type(value).__name__}", "loras")
+    if len(value) > MAX_LORAS * 4:
+        raise RequestError(f"loras lists {len(value)} entries; at most {MAX_LORAS} are allowed", "loras")
+    specs = []
+    for item in value:
+        if isinstance(item, LoraSpec):
+            specs.append(_spec(item.name, item.scale, "loras"))
+        elif isinstance(item, dict):
+            unknown = set(item) - {"name", "scale", "weight"}
+            if unknown or "name" not in item:
+                raise RequestError('each LoRA is {"name": <file name without .safetensors>, "scale": <number>}; got '
+                                   f"{str(item)[:120]}", "loras")
+            specs.append(_spec(item["name"], item.get("scale", item.get("weight")), "loras"))
+        elif isinstance(item, (list, tuple)) and len(item) == 2:
+            specs.append(_spec(item[0], item[1], "loras"))
+        elif isinstance(item, str):
+            specs.extend(parse_loras(item))
+        else:
+            raise RequestError('each LoRA is {"name": <file name without .safetensors>, "scale": <number>}; got '
+                               f"{str(item)[:120]}", "loras")
+    return tuple(specs)
+
+
+def merge_loras(given: tuple[LoraSpec, ...], tagged: tuple[LoraSpec, ...]) -> tuple[LoraSpec, ...]:
+    """The request's LoRAs, then the prompt's; each name once, at most MAX_LORAS (the engine applies
+    --max-loras with check_lora_limit)."""
+    specs = given + tagged
+    seen: dict[str, LoraSpec] = {}
+    for spec in specs:
+        if spec.name in seen:
+            where = "in the prompt and in loras" if seen[spec.name].source != spec.source else (
+                "twice in the prompt" if spec.source == "prompt" else "twice in loras")
+            raise RequestError(f"LoRA {spec.name!r} is given {where}: give it once, with one scale",
+                               "prompt" if spec.source == "prompt" else "loras")
+        seen[spec.name] = spec
+    if len(specs) > MAX_LORAS:
+        raise RequestError(f"{len(specs)} LoRAs asked; at most {MAX_LORAS} are allowed per request", "loras")
+    return specs
+
+
+def check_lora_limit(job: Job, max_loras: int) -> None:
+    """The configured limit (--max-loras), applied by the engine; 0 means LoRAs are off."""
+    if not job.loras:
+        return
+    if max_loras <= 0:
+        raise RequestError("LoRAs are turned off on this server (--max-loras 0 or --lora-rank 0)", "loras")
+    if len(job.loras) > max_loras:
+        raise RequestError(f"{len(job.loras)} LoRAs asked; this server allows at most {max_loras} per request "
+                           "(--max-loras)", "loras")
+
+
+def lora_tags(loras) -> str:
+    """`<lora:name:scale>` tags for LoRAs (LoraSpec or dicts with name and scale), A1111's prompt syntax."""
+    out = []
+    for item in loras:
+        name, scale = (item["name"], item["scale"]) if isinstance(item, dict) else (item.name, item.scale)
+        out.append(f"<lora:{name}:{scale:g}>")
+    return " ".join(out)

@@ -57,5 +57,7 @@ def create_service(settings: Settings, engine: Engine | None = None) -> Service:
                               show_error=True, max_file_size=security.UPLOAD_FILE_LIMIT,
                               auth_message="Z-Image-Turbo studio")
     app.add_middleware(ui.GradioErrorStatus)
+    # generate's six-value calls (the signature before LoRAs) get the new `loras` input's default
+    app.add_middleware(ui.GenerateArgsCompat, generate_fn_index=getattr(demo, "generate_fn_index", None))
     security.install(app, settings)  # Host/Origin checks, body limits, login throttle: in front of everything
     return Service(app=app, engine=engine, queue=queue, store=store, metrics=metrics)

@@ -183,6 +183,17 @@ OPTIONS: tuple[Option, ...] = (
     Option("oom_fatal_count", _int_range(1, 1000), "this many OOMs within --oom-fatal-window seconds is fatal"),
     Option("oom_fatal_window", _positive_float, "seconds over which --oom-fatal-count OOMs are counted"),
     Option("log_level", _choice(LOG_LEVELS), "log level"),
+    # LoRAs (zimage/lora.py): every *.safetensors in the folder is a LoRA named by its file's stem.
+    Option("lora_dir", _path, "folder of LoRA files (*.safetensors), rescanned on every request"),
+    Option("max_loras", _int_range(0, 8), "LoRAs one request may use (0 turns LoRAs off)"),
+    Option("lora_rank", _int_range(0, 1024),
+           "total rank of the LoRAs one request applies together, preallocated on every layer (0 turns LoRAs off)"),
+    Option("lora_mode", _choice(("branch", "merge")),
+           "how LoRAs are applied: branch (a LoRA matmul beside every layer: any memory profile, fp8 included) or "
+           "merge (added into the weights per request: no per-step cost; needs the transformer resident and room for a "
+           "second copy of its weights on the GPU; fp8 weights are quantized again at each switch)"),
+    Option("lora_cache_mib", _int_range(0, 1 << 20),
+           "MiB of recently used LoRAs kept on the GPU (less where the memory profile has no room)"),
 )
 
 
@@ -210,6 +221,11 @@ class Settings:
     oom_fatal_count: int = 3
     oom_fatal_window: float = 60.0
     log_level: str = "info"
+    lora_dir: Path = Path("loras")
+    max_loras: int = 4
+    lora_rank: int = 64
+    lora_mode: str = "branch"
+    lora_cache_mib: int = 1024
 
     def __post_init__(self) -> None:
         if self.cache_dir is None:
@@ -259,6 +275,9 @@ class Settings:
 
     def compile_enabled(self) -> bool:
         return self.compile == "on" or (self.compile == "auto" and self.torch_device().startswith("cuda"))
+
+    def loras_enabled(self) -> bool:
+        return self.max_loras > 0 and self.lora_rank > 0
 
     def warmup_enabled(self) -> bool:
         return self.warmup != "off"

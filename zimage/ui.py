@@ -56,6 +56,8 @@ def info_line(result) -> str:
              f"total {t['total']:.2f} s"]
     if getattr(result, "task", "text-to-image") != "text-to-image":
         parts.insert(1, f"{result.task} · strength {result.strength:g}")
+    if getattr(result, "loras", None):
+        parts.insert(1, "LoRA " + ", ".join(f"{entry['name']} {entry['scale']:g}" for entry in result.loras))
     if result.peak_vram_bytes is not None:
         parts.append(f"peak VRAM {result.peak_vram_bytes / GIB:.1f} GiB")
     line = " · ".join(parts)
@@ -68,7 +70,23 @@ def run_details(result) -> dict:
     """What programs calling api_name="generate" need besides the pictures."""
     return {"seeds": result.seeds, "width": result.width, "height": result.height, "steps": result.steps,
             "preset": result.preset, "timings": result.timings, "peak_vram_bytes": result.peak_vram_bytes,
-            "warnings": result.warnings}
+            "warnings": result.warnings, "loras": getattr(result, "loras", [])}
+
+
+def lora_text(*rows) -> str:
+    """The LoRA picker's rows (name, scale, name, scale, ...) as the `loras` text the engine reads."""
+    picked = [(name, scale) for name, scale in zip(rows[::2], rows[1::2]) if name]
+    return ", ".join(f"{name}:{float(scale if scale is not None else 1.0):g}" for name, scale in picked)
+
+
+def lora_choices(listing: list[dict]) -> tuple[list[tuple[str, str]], str]:
+    """Picker choices (usable files of the folder) and a note on the files that cannot be used."""
+    choices = [("none", "")] + [(f"{e['name']} · rank {e['rank']}", e["name"]) for e in listing if e["ok"]]
+    broken = [f"⚠️ `{e['file']}`: {e['error']}" for e in listing if not e["ok"]]
+    note = "\n\n".join(broken) if broken else ("" if len(choices) > 1 else
+                                                "No LoRAs yet: put `.safetensors` files in the LoRA folder "
+                                                "and press ↻.")
+    return choices, note
 
 
 def editor_inputs(value) -> tuple:
@@ -157,6 +175,58 @@ class GradioErrorStatus:
         return {}
 
 
+class GenerateArgsCompat:
+    """ASGI middleware: Gradio needs a value for every input, and `generate` gained one (`loras`, last). A
+    body with the six values of the earlier signature -- on the REST routes (`/gradio_api/run/generate`,
+    `/gradio_api/call/generate`) or joining the queue with generate's `fn_index` -- gets the new input's default
+    ("": LoRAs only from the prompt's <lora:...> tags), so callers written for it keep working (gradio_client
+    fills defaults itself)."""
+
+    PATHS = ("/gradio_api/run/generate", "/gradio_api/call/generate")
+    QUEUE = "/gradio_api/queue/join"
+    LEGACY_INPUTS = 6
+
+    def __init__(self, app, generate_fn_index: int | None = None):
+        self.app, self.fn_index = app, generate_fn_index
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "").rstrip("/") if scope["type"] == "http" else ""
+        if scope["type"] != "http" or scope.get("method") != "POST" or (
+                path not in self.PATHS and not (path == self.QUEUE and self.fn_index is not None)):
+            return await self.app(scope, receive, send)
+        import json
+
+        body, more, first = bytearray(), True, None
+        while more:  # the body's size is already bounded by security.py, in front of this
+            message = await receive()
+            if message["type"] != "http.request":
+                first = message
+                break
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        try:
+            payload = json.loads(body) if body else None
+        except ValueError:
+            payload = None
+        if (isinstance(payload, dict) and isinstance(payload.get("data"), list)
+                and len(payload["data"]) == self.LEGACY_INPUTS
+                and (path != self.QUEUE or payload.get("fn_index") == self.fn_index)):
+            payload["data"].append("")
+            body = bytearray(json.dumps(payload).encode())
+            scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"content-length"]
+                     + [(b"content-length", str(len(body)).encode())]}
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return first or {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
 def status_line(engine) -> str:
     d, status = engine.describe(), engine.status()
     state = STATE_LABELS[status.state].format(detail=status.detail)
@@ -169,11 +239,12 @@ def status_line(engine) -> str:
 
 def build(engine, queue, store, metrics, settings) -> gr.Blocks:
     running = {}  # session -> gpu_queue.Ticket of its generation in line or running
+    lora_rows = settings.max_loras if settings.loras_enabled() else 0  # the LoRA picker: a name and scale per row
 
-    async def generate(prompt, quality, aspect, seed, random_seed, count, request: gr.Request,
+    async def generate(prompt, quality, aspect, seed, random_seed, count, loras="", request: gr.Request = None,
                        progress=gr.Progress()):
         req = GenerationRequest(prompt=prompt, preset=quality, aspect=aspect,
-                                seed=None if random_seed else seed, n=count)
+                                seed=None if random_seed else seed, n=count, loras=loras or None)
         return await run_request(req, request, progress)
 
     async def edit(value, prompt, strength, quality, seed, random_seed, request: gr.Request, progress=gr.Progress()):
@@ -276,13 +347,24 @@ def build(engine, queue, store, metrics, settings) -> gr.Blocks:
 
     def send_to_form(meta):
         if not meta:
-            return (gr.update(),) * 6 + (gr.update(),)
+            return (gr.update(),) * (8 + 2 * lora_rows)
         tier = meta.get("preset") if meta.get("preset") in presets.TIERS else presets.DEFAULT_TIER
         size = (meta.get("width"), meta.get("height"))
         aspect = next((a for a in presets.ASPECTS if presets.preset_size(tier, a) == size), presets.DEFAULT_ASPECT)
         seed = meta.get("seed")
+        loras = [(entry.get("name", ""), entry.get("scale", 1.0)) for entry in meta.get("loras") or []]
+        rows = []
+        for i in range(lora_rows):  # the picker: each LoRA with its scale, then empty rows
+            name, scale = loras[i] if i < len(loras) else ("", 1.0)
+            rows += [gr.update(value=name), gr.update(value=scale)]
+        text = ", ".join(f"{name}:{float(scale):g}" for name, scale in loras)
         return (meta.get("prompt", ""), tier, gr.update(choices=aspect_choices(tier), value=aspect),
-                seed if seed is not None else -1, seed is None, size_note(tier, aspect), gr.Tabs(selected="generate"))
+                seed if seed is not None else -1, seed is None, size_note(tier, aspect), gr.Tabs(selected="generate"),
+                text, *rows)
+
+    def refresh_loras():
+        choices, note = lora_choices(engine.list_loras())
+        return (*[gr.update(choices=choices) for _ in range(lora_rows)], note)
 
     with gr.Blocks(title="Z-Image-Turbo studio") as demo:
         status = gr.Markdown(status_line(engine), elem_id="status")
@@ -305,6 +387,21 @@ def build(engine, queue, store, metrics, settings) -> gr.Blocks:
                             random_seed = gr.Checkbox(value=True, label="Random seed")
                             reuse = gr.Button("♻️ Reuse last seed", size="sm")
                         count = gr.Slider(1, MAX_IMAGES, value=1, step=1, precision=0, label="Images")
+                        with gr.Accordion("LoRA", open=False, visible=lora_rows > 0):
+                            pickers = []
+                            for i in range(lora_rows):
+                                with gr.Row():
+                                    pickers.append(gr.Dropdown([("none", "")], value="", label=f"LoRA {i + 1}",
+                                                               allow_custom_value=True, scale=3,
+                                                               elem_id=f"lora-{i + 1}"))
+                                    pickers.append(gr.Slider(-requests.LORA_SCALE_LIMIT, requests.LORA_SCALE_LIMIT,
+                                                             value=1.0, step=0.05, label="scale", scale=2,
+                                                             elem_id=f"lora-scale-{i + 1}"))
+                            loras = gr.Textbox("", label="LoRAs sent (name:scale, …; <lora:name:scale> in the "
+                                                         "prompt works too)", elem_id="loras", max_lines=1)
+                            with gr.Row():
+                                lora_note = gr.Markdown()
+                                lora_refresh = gr.Button("↻ Rescan LoRA folder", size="sm")
                         with gr.Row():
                             go = gr.Button("Generate", variant="primary", elem_id="generate")
                             stop = gr.Button("Cancel", variant="stop", elem_id="cancel")
@@ -362,8 +459,13 @@ def build(engine, queue, store, metrics, settings) -> gr.Blocks:
         aspect.change(lambda t, a: size_note(t, a), [quality, aspect], note, queue=False, api_visibility="private")
         reuse.click(lambda s: (s if s is not None else -1, s is None), last_seed, [seed, random_seed], queue=False,
                     api_visibility="private")
-        run = go.click(generate, [prompt, quality, aspect, seed, random_seed, count], [gallery, info, details, last_seed, last],
-                       api_name="generate", concurrency_limit=settings.queue_size + 1)
+        run = go.click(generate, [prompt, quality, aspect, seed, random_seed, count, loras],
+                       [gallery, info, details, last_seed, last], api_name="generate",
+                       concurrency_limit=settings.queue_size + 1)
+        demo.generate_fn_index = run.get("id")  # for GenerateArgsCompat (six-value calls of the old signature)
+        for picker in pickers:  # the picker writes the `loras` text that `generate` reads
+            picker.change(lora_text, pickers, loras, queue=False, api_visibility="private")
+        lora_refresh.click(refresh_loras, None, [*pickers[::2], lora_note], queue=False, api_visibility="private")
         # Open the result on its first image: the preview shows it whole, where the grid would cut a square
         # image's bottom off. A separate UI-only step, so the API's output stays a plain list of images.
         run.then(lambda: gr.Gallery(selected_index=0), None, gallery, queue=False, api_visibility="private")
@@ -371,8 +473,8 @@ def build(engine, queue, store, metrics, settings) -> gr.Blocks:
         stop.click(cancel_running, None, [gallery, info], cancels=[run], queue=False, api_visibility="private")
         refresh.click(history_items, None, history, queue=False, api_visibility="private")
         upload.change(read_back, upload, [params, params_text, send], queue=False, api_visibility="private")
-        send.click(send_to_form, params, [prompt, quality, aspect, seed, random_seed, note, tabs], queue=False,
-                   api_visibility="private")
+        send.click(send_to_form, params, [prompt, quality, aspect, seed, random_seed, note, tabs, loras, *pickers],
+                   queue=False, api_visibility="private")
 
         edit_last, edit_details, history_pick = gr.State(None), gr.State(None), gr.State(None)
         edit_run = edit_go.click(edit, [editor, edit_prompt, strength, edit_quality, edit_seed, edit_random],
@@ -417,4 +519,6 @@ def build(engine, queue, store, metrics, settings) -> gr.Blocks:
         timer.tick(tick, None, [status, timer], queue=False, api_visibility="private")
         demo.load(lambda: (status_line(engine), history_items()), None, [status, history], queue=False,
                   api_visibility="private")
+        if lora_rows:
+            demo.load(refresh_loras, None, [*pickers[::2], lora_note], queue=False, api_visibility="private")
     return demo

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .scenes import COLOURS, Scene, layout
+from .scenes import COLOURS, KINDS, Scene, layout
 
 NAMES = list(COLOURS)
 _PALETTE = np.array([rgb for rgb, _ in COLOURS.values()], dtype=np.float32)
@@ -88,3 +88,49 @@ def read(image, scene: Scene) -> Reading:
 def agreement(image_a, image_b) -> float:
     """Fraction of pixels given the same palette colour (or none) in both images."""
     return float((colour_map(image_a) == colour_map(image_b)).mean())
+
+
+@dataclass(frozen=True)
+class OutlineReading:
+    """How much a shape is drawn as an outline: its colour on a band just inside the edge (`band`) and in the
+    middle (`middle`, which an outline leaves in the background colour: `middle_background`)."""
+
+    colour: str
+    band: float
+    middle: float
+    middle_background: float
+
+    @property
+    def score(self) -> float:
+        """band - middle: about -0.1 for a filled shape, near 1 for a crisp outline."""
+        return self.band - self.middle
+
+    def summary(self) -> str:
+        return (f"{self.colour}: band {self.band:.2f} middle {self.middle:.2f} (background there "
+                f"{self.middle_background:.2f}) score {self.score:+.2f}")
+
+
+def outline_read(image, scene: Scene, width: float) -> list[OutlineReading]:
+    """Per shape of `scene` (nominal layout): fractions of the shape's colour on the band from 0.2 to 0.8 of
+    `width` (a fraction of the radius) inside the edge, and in the middle, deeper than 1.5 * `width` inside."""
+    import torch
+
+    from .scenes import _signed_distance
+
+    cmap = colour_map(image)
+    h, w = cmap.shape
+    short = min(w, h)
+    ys = torch.arange(h, dtype=torch.float32).view(-1, 1) + 0.5
+    xs = torch.arange(w, dtype=torch.float32).view(1, -1) + 0.5
+    readings = []
+    for shape, placed in zip(scene.shapes, layout(scene)):
+        assert placed.kind in KINDS
+        r = placed.radius * short
+        d = _signed_distance(placed.kind, xs - placed.cx * w, ys - placed.cy * h, torch.tensor(r)).numpy()
+        band = (d < -0.2 * width * r) & (d > -0.8 * width * r)
+        middle = d < -1.5 * width * r
+        colour, bg = NAMES.index(shape.colour), NAMES.index(scene.background)
+        readings.append(OutlineReading(shape.colour, float((cmap[band] == colour).mean()) if band.any() else 0.0,
+                                       float((cmap[middle] == colour).mean()) if middle.any() else 0.0,
+                                       float((cmap[middle] == bg).mean()) if middle.any() else 0.0))
+    return readings

@@ -149,8 +149,12 @@ TRIANGLE_CIRCUMRADIUS = 1.3  # equilateral, pointing up, centroid at the centre
 STAR_OUTER, STAR_INNER = 1.25, 0.625  # five points, one pointing up
 
 
-def render(scenes: list[Scene], width: int, height: int, rng: random.Random | None = None, device="cpu"):
+def render(scenes: list[Scene], width: int, height: int, rng: random.Random | None = None, device="cpu",
+           outline: float = 0.0):
     """Images of `scenes` as a float tensor (N, 3, height, width) in [-1, 1], edges anti-aliased over a pixel.
+
+    `outline` > 0 draws each shape as its outline only: a band that wide (a fraction of the radius) inside the
+    edge, the background showing through the middle (the demo LoRA's style).
 
     The whole batch is drawn with a fixed number of tensor operations, and its parameters travel to the
     device in one copy: on a GPU, per-shape host-to-device copies would stall training.
@@ -177,6 +181,8 @@ def render(scenes: list[Scene], width: int, height: int, rng: random.Random | No
         distance = torch.full_like(dx * dy, 1e9)
         for index, name in enumerate(KINDS):
             distance = torch.where(kind == index, _signed_distance(name, dx, dy, r), distance)
+        if outline:
+            distance = (distance + outline * r / 2).abs() - outline * r / 2
         coverage = ((0.5 - distance).clamp(0, 1) * present).unsqueeze(1)
         image = image + (params[:, slot, 5:8].view(-1, 3, 1, 1) - image) * coverage
     return image / 127.5 - 1
