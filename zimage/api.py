@@ -147,6 +147,8 @@ def install(app: FastAPI, *, engine, queue, store, metrics, settings) -> None:
             body["detail"] = status.detail
         if store.last_error:
             body["outputs_error"] = store.last_error
+        if hasattr(engine, "replica_summary"):  # Ray Serve (replicas.py): {"ready", "total", "replicas": [...]}
+            body["replicas"] = engine.replica_summary()
         return JSONResponse(body, status_code=200 if status.ready else 503)
 
     @router.get("/metrics")
@@ -210,6 +212,9 @@ def install(app: FastAPI, *, engine, queue, store, metrics, settings) -> None:
                 if not work.done() and await request.is_disconnected():
                     ticket.cancel.set()  # the client went away: stop at the next step, free the GPU
             result = work.result()
+        except asyncio.CancelledError:  # the handler itself was cancelled (a proxy saw the client go): stop too
+            ticket.cancel.set()
+            raise
         except Exception as exc:
             outcome = outcome_of(exc)
             if outcome.status == "error":
@@ -233,7 +238,8 @@ def install(app: FastAPI, *, engine, queue, store, metrics, settings) -> None:
         return {"created": int(time.time()), "data": data, "output_format": output_format,
                 "size": f"{result.width}x{result.height}", "quality": result.preset,
                 "zimage": {**task, "seeds": result.seeds, "steps": result.steps, "timings": result.timings,
-                           "peak_vram_bytes": result.peak_vram_bytes, "warnings": warnings}}
+                           "peak_vram_bytes": result.peak_vram_bytes, "warnings": warnings,
+                           **({"replica": result.replica} if result.replica else {})}}
 
     @router.post("/v1/images/generations", openapi_extra={"requestBody": {
         "required": True, "content": {"application/json": {"schema": ImagesGenerationBody.model_json_schema()}}}})

@@ -137,7 +137,11 @@ class Engine:
 
     def resolve(self, request: GenerationRequest) -> Job:
         """Validate a request (RequestError on mistakes), decide its memory plan, count its prompt tokens."""
-        job = resolve(request)
+        return self.plan(resolve(request))
+
+    def plan(self, job: Job) -> Job:
+        """The engine's part of resolve: the memory refusal and plan, the prompt's token count. A Ray replica
+        (replicas.py) applies it to a job its ingress validated with request.resolve."""
         if self.placement is not None:
             reason = memory.refusal(self.placement.profile.name, self.fp8, job.tier, self.usable_gib)
             if reason:

@@ -119,6 +119,7 @@ class GenerationResult:
     task: str = "text-to-image"
     strength: float | None = None
     input_sha256: str | None = None
+    replica: str | None = None  # the Ray Serve replica that ran it (replicas.py); None in process
 
 
 def _as_int(value: Any, param: str, what: str) -> int:

@@ -68,7 +68,7 @@ def run_details(result) -> dict:
     """What programs calling api_name="generate" need besides the pictures."""
     return {"seeds": result.seeds, "width": result.width, "height": result.height, "steps": result.steps,
             "preset": result.preset, "timings": result.timings, "peak_vram_bytes": result.peak_vram_bytes,
-            "warnings": result.warnings}
+            "warnings": result.warnings, **({"replica": result.replica} if result.replica else {})}
 
 
 def editor_inputs(value) -> tuple:
@@ -216,6 +216,9 @@ def build(engine, queue, store, metrics, settings) -> gr.Blocks:
             return None, "Cancelled.", None, gr.update(), None
         except EngineError as exc:
             refuse(exc)
+        except asyncio.CancelledError:  # Gradio cancelled the event (a Gradio API cancel): stop the work as well
+            ticket.cancel.set()
+            raise
         finally:
             queue.leave(ticket)  # no-op once it ran; frees the place of a request resolve refused
             if session and running.get(session) is ticket:
@@ -363,7 +366,7 @@ def build(engine, queue, store, metrics, settings) -> gr.Blocks:
         reuse.click(lambda s: (s if s is not None else -1, s is None), last_seed, [seed, random_seed], queue=False,
                     api_visibility="private")
         run = go.click(generate, [prompt, quality, aspect, seed, random_seed, count], [gallery, info, details, last_seed, last],
-                       api_name="generate", concurrency_limit=settings.queue_size + 1)
+                       api_name="generate", concurrency_limit=settings.queue_size + queue.workers)
         # Open the result on its first image: the preview shows it whole, where the grid would cut a square
         # image's bottom off. A separate UI-only step, so the API's output stays a plain list of images.
         run.then(lambda: gr.Gallery(selected_index=0), None, gallery, queue=False, api_visibility="private")
@@ -377,7 +380,7 @@ def build(engine, queue, store, metrics, settings) -> gr.Blocks:
         edit_last, edit_details, history_pick = gr.State(None), gr.State(None), gr.State(None)
         edit_run = edit_go.click(edit, [editor, edit_prompt, strength, edit_quality, edit_seed, edit_random],
                                  [edit_gallery, edit_info, edit_details, edit_seed, edit_last],
-                                 concurrency_limit=settings.queue_size + 1, api_visibility="private")
+                                 concurrency_limit=settings.queue_size + queue.workers, api_visibility="private")
         edit_run.then(lambda: gr.Gallery(selected_index=0), None, edit_gallery, queue=False, api_visibility="private")
         edit_run.then(report_saved, edit_last, [edit_files, edit_info, history], concurrency_limit=None,
                       api_visibility="private")
