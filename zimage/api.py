@@ -214,6 +214,7 @@ def install(app: FastAPI, *, engine, queue, store, metrics, settings) -> None:
             result = work.result()
         except asyncio.CancelledError:  # the handler itself was cancelled (a proxy saw the client go): stop too
             ticket.cancel.set()
+            work.add_done_callback(lambda done: done.cancelled() or done.exception())  # its end is expected
             raise
         except Exception as exc:
             outcome = outcome_of(exc)

@@ -206,7 +206,9 @@ class EngineReplica:
                 log.debug("report to the board failed: %s", exc)
 
     def __del__(self):
-        self._stop.set()
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()
 
 
 def _gpu_memory(device: str) -> dict | None:
@@ -418,8 +420,9 @@ class RemoteEngine:
 
     # ---- one try on one replica ----
     def _generate_once(self, job: Job, on_progress: ProgressFn | None, cancel: threading.Event) -> GenerationResult:
-        if self._stream_handle is None:
-            self._stream_handle = self._handle.options(stream=True)
+        if self._stream_handle is None:  # readiness (the poller) can come before serve.run returns the handle
+            handle = self._handle or serve.get_deployment_handle(ENGINE, APP_NAME)
+            self._stream_handle = handle.options(stream=True)
         with self._lock:
             self._waiting += 1
         started = False

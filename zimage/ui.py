@@ -200,6 +200,7 @@ def build(engine, queue, store, metrics, settings) -> gr.Blocks:
         session = request.session_hash if request is not None else None
         if session:
             running[session] = ticket
+        work = None
         try:
             job = await asyncio.to_thread(engine.resolve, req)  # tokenizes: off the event loop
             work = asyncio.ensure_future(queue.run(ticket, job, lambda done, total: progress(
@@ -218,6 +219,8 @@ def build(engine, queue, store, metrics, settings) -> gr.Blocks:
             refuse(exc)
         except asyncio.CancelledError:  # Gradio cancelled the event (a Gradio API cancel): stop the work as well
             ticket.cancel.set()
+            if work is not None:
+                work.add_done_callback(lambda done: done.cancelled() or done.exception())  # its end is expected
             raise
         finally:
             queue.leave(ticket)  # no-op once it ran; frees the place of a request resolve refused
