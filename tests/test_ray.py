@@ -182,6 +182,19 @@ def test_check_health_raises_for_a_fatal_engine():
         replica.check_health()
 
 
+def test_engine_errors_survive_the_trip_from_replica_to_ingress():
+    """What a replica raises reaches the ingress as the same error (cloudpickle, as Ray ships it)."""
+    import ray.cloudpickle as cloudpickle
+
+    from zimage import replicas  # noqa: F401 - registers how OutOfMemory is pickled
+    from zimage.request import EngineUnavailable, GenerationCancelled, OutOfMemory, RequestError
+
+    for exc in (OutOfMemory("out of GPU memory at 2048x2048: try High", "decode"), RequestError("too big", "preset"),
+                EngineUnavailable("fatal"), GenerationCancelled("cancelled")):
+        back = cloudpickle.loads(cloudpickle.dumps(exc))
+        assert type(back) is type(exc) and str(back) == str(exc) and vars(back) == vars(exc)
+
+
 def test_serve_config_files_build_the_application(monkeypatch):
     """deploy/ray/serve_config.yaml and the RayService's serveConfigV2 are valid Serve configs whose args are valid
     settings, and the builder makes the three deployments (without starting Ray)."""

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import copyreg
 import dataclasses
 import logging
 import os
@@ -64,7 +65,8 @@ from .engine import Engine, EngineStats
 from .interface import EngineState, EngineStatus, ProgressFn
 from .metrics import SECONDS_BUCKETS
 from .outcomes import QueueFull
-from .request import EngineError, EngineUnavailable, GenerationCancelled, GenerationRequest, GenerationResult, Job
+from .request import (EngineError, EngineUnavailable, GenerationCancelled, GenerationRequest, GenerationResult, Job,
+                      OutOfMemory)
 from .settings import Settings
 
 log = logging.getLogger("zimage.replicas")
@@ -77,6 +79,11 @@ POLL_SECONDS = 1.0  # the ingress reads Serve's status and the board this often
 REPLACEMENT_TRIES = 2  # times a request is sent again when its replica died or turned fatal
 HEALTH_CHECK_SECONDS = 5.0
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+# Errors cross from the replica to the ingress pickled. OutOfMemory takes (message, stage); pickle's default for an
+# exception would rebuild it from its message alone and fail, so say how (the other errors' defaults work).
+copyreg.pickle(OutOfMemory, lambda exc: (OutOfMemory, (str(exc), exc.stage)))
 
 
 def replica_gpus(settings: Settings) -> float:
@@ -130,6 +137,7 @@ class EngineReplica:
                 self.engine.mark_ready()
         except BaseException as exc:
             self.engine.mark_failed(str(exc))
+            self._stop.set()
             log.error("replica %s: start-up failed: %s", self.id, exc)
             raise
         log.info("replica %s ready: pid %d on %s, %s", self.id, self.pid, self.node, self.engine.describe()["device"])
