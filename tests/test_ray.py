@@ -221,6 +221,62 @@ def test_serve_config_files_build_the_application(monkeypatch):
         replicas.build_app({"host": "0.0.0.0", "replicas": 1, "replica_gpus": 0})
 
 
+def test_replicas_that_cannot_load_fail_the_start_with_the_reason(tmp_path):
+    """Weights missing: every replica fails to construct, Serve gives up after 3 tries, app.py exits 1 saying why
+    (a failed start for supervisord), and its Ray instance is gone with it."""
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "app.py", "--model", str(tmp_path / "absent"), "--replicas", "1",
+                           "--replica-gpus", "0", "--port", str(free_port()), "--outputs", str(tmp_path / "out")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=400, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "no ZImagePipeline folder there" in proc.stderr and "--model tiny" in proc.stderr, proc.stderr[-3000:]
+    print(f"\nfailed start reported after {time.monotonic() - started:.0f} s")
+
+
+def test_serve_run_with_the_config_file(tmp_path, cache_dir):
+    """Ray's own way: `serve run deploy/ray/serve_config.yaml` (port and outputs moved to this test's): the studio's
+    app is Serve's ingress behind Ray's proxy, with the same routes and checks."""
+    import psutil
+    import yaml
+
+    config = yaml.safe_load((ROOT / "deploy/ray/serve_config.yaml").read_text())
+    port = free_port()
+    config["http_options"]["port"] = port
+    config["applications"][0]["args"].update(port=port, outputs=str(tmp_path / "outputs"), cache_dir=str(cache_dir))
+    path = tmp_path / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    log = open(tmp_path / "serve-run.log", "wb")
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("serve")), "run", str(path)], cwd=ROOT, stdout=log,
+                            stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    app = type("Served", (), {"url": f"http://127.0.0.1:{port}"})()
+    try:
+        def two_ready():
+            try:
+                answer = readyz(app)
+            except (OSError, ValueError):
+                return False
+            return answer.get("replicas", {}).get("ready") == 2
+
+        wait_for(lambda: proc.poll() is not None or two_ready(), 300, "serve run: 2 replicas ready")
+        assert proc.poll() is None, (tmp_path / "serve-run.log").read_text()[-3000:]
+        status, _, answer = post(app, {"prompt": "a red circle", "seed": 7, "size": "256x256", "steps": 2})
+        assert status == 200 and answer["zimage"]["replica"], answer
+        assert http("GET", app.url + "/metrics")[2].count(b"zimage_replica_completed_total{") == 2
+        assert http("GET", app.url + "/readyz", headers={"Host": "evil.example"})[0] == 200  # probes: any Host
+        assert http("GET", app.url + "/metrics", headers={"Host": "evil.example"})[0] == 400  # the Host check holds
+    finally:
+        family = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
+        proc.send_signal(signal.SIGINT)  # serve run's own way out: Serve and its local Ray shut down
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        for process in psutil.wait_procs(family, timeout=15)[1]:
+            process.kill()
+        log.close()
+
+
 # ---- the app on two replicas ---------------------------------------------------------------------------------------
 def test_readyz_reports_ready_and_total_replicas(ray_app):
     answer = readyz(ray_app)
@@ -267,7 +323,8 @@ def test_metrics_carry_a_replica_label(ray_app):
     wait_for(lambda: set(replica_series(ray_app, "completed_total")) == ids, 30, "both replicas in /metrics")
     text = http("GET", ray_app.url + "/metrics")[2].decode()
     for rid in ids:
-        for series in (f'zimage_replica_steps_total{{replica="{rid}"}}', f'zimage_replica_queue_depth{{replica="{rid}"}}',
+        for series in (f'zimage_replica_steps_total{{replica="{rid}"}}',
+                       f'zimage_replica_queue_depth{{replica="{rid}"}}',
                        f'zimage_replica_oom_total{{kind="handled",replica="{rid}"}}',
                        f'zimage_replica_engine_state{{replica="{rid}",state="ready"}} 1.0'):
             assert series in text, series

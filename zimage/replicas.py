@@ -65,8 +65,7 @@ from .engine import Engine, EngineStats
 from .interface import EngineState, EngineStatus, ProgressFn
 from .metrics import SECONDS_BUCKETS
 from .outcomes import QueueFull
-from .request import (EngineError, EngineUnavailable, GenerationCancelled, GenerationRequest, GenerationResult, Job,
-                      OutOfMemory)
+from .request import EngineUnavailable, GenerationCancelled, GenerationRequest, GenerationResult, Job, OutOfMemory
 from .settings import Settings
 
 log = logging.getLogger("zimage.replicas")
@@ -280,8 +279,22 @@ def deploy(settings: Settings):
     log.info("deploying %d engine replica(s) with %g GPU(s) each on Ray Serve (app %r)", settings.replicas, gpus,
              APP_NAME)
     serve.start(proxy_location="Disabled")  # no Ray HTTP proxy: this process serves HTTP
-    handle = serve.run(engine_application(settings, gpus), name=APP_NAME, route_prefix=None)
+    try:
+        handle = serve.run(engine_application(settings, gpus), name=APP_NAME, route_prefix=None)
+    except RuntimeError as exc:  # Serve's message names the deployment; the replica's own error says why
+        raise RuntimeError(f"{exc} {_replica_error()}".strip()) from None
     return handle, serve.get_deployment_handle(BOARD, APP_NAME)
+
+
+def _replica_error() -> str:
+    """The last line of the traceback Serve keeps for the engine deployment's failed constructor (the error)."""
+    try:
+        app = serve.status().applications.get(APP_NAME)
+        message = app.deployments[ENGINE].message if app and ENGINE in app.deployments else ""
+    except Exception:  # noqa: BLE001 - only for the message
+        return ""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return f"(a replica: {lines[-1][:600]})" if lines else ""
 
 
 def connect(settings: Settings) -> None:
