@@ -407,7 +407,23 @@ class RemoteEngine:
             self._observe(result)
             return result
 
-    # ---- start-up (server.start_engine calls these as it does for Engine) ----
+    # ---- start-up: as Engine's ----
+    def start_in_background(self, on_failure) -> threading.Thread:
+        """Deploy the replicas (app.py) or wait for them (serve run) on a background thread; `on_failure` is called
+        if that fails (the deployment failed: every replica's constructor failed, three times)."""
+
+        def run() -> None:
+            try:
+                self.load()
+            except BaseException as exc:  # noqa: BLE001 - reported to the caller, which stops the server
+                self.mark_failed(str(exc))
+                log.error("start-up failed: %s", exc)
+                on_failure(exc)
+
+        thread = threading.Thread(target=run, name="zimage-engine-start", daemon=True)
+        thread.start()
+        return thread
+
     def load(self) -> None:
         if not ray.is_initialized():
             raise RuntimeError("RemoteEngine.connect() must run first (on the main thread)")
@@ -415,13 +431,6 @@ class RemoteEngine:
         if self._handle is None:
             self._handle, self._board = deploy(self.settings)
         self._refresh()
-
-    def warm_up(self) -> list[dict]:
-        """The replicas warm themselves up before Serve counts them as running."""
-        return list(self.status().warm)
-
-    def mark_ready(self, warm_report=None) -> None:
-        pass
 
     def mark_failed(self, reason: str) -> None:
         self._failed = reason
@@ -652,15 +661,11 @@ class IngressReplica:
 
     def __init__(self, settings: Settings, engine, board):
         _log_to_stdout(settings)
-        from .server import create_service, start_engine
+        from .server import create_service
 
         self.engine = RemoteEngine(settings, engine, board)
+        self.engine.start_in_background(lambda exc: None)  # a failure is logged, and fails check_health below
         self.service = create_service(settings, self.engine)
-
-        def failed(exc: BaseException) -> None:
-            log.error("the ingress could not reach the engine replicas: %s", exc)
-
-        start_engine(self.service, failed)
 
     def __serve_build_asgi_app__(self):
         return self.service.app
