@@ -227,7 +227,8 @@ def test_replicas_that_cannot_load_fail_the_start_with_the_reason(tmp_path):
     started = time.monotonic()
     proc = subprocess.run([sys.executable, "app.py", "--model", str(tmp_path / "absent"), "--replicas", "1",
                            "--replica-gpus", "0", "--port", str(free_port()), "--outputs", str(tmp_path / "out")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=400, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                          cwd=ROOT, capture_output=True, text=True, timeout=400,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "no ZImagePipeline folder there" in proc.stderr and "--model tiny" in proc.stderr, proc.stderr[-3000:]
     print(f"\nfailed start reported after {time.monotonic() - started:.0f} s")
@@ -370,8 +371,15 @@ def test_gradio_api_cancel_stops_the_replicas_generation(ray_app):
     steps, cancelled = total(ray_app, "steps_total"), total(ray_app, "cancelled_total")
     job = Client(ray_app.url, verbose=False).submit("a slow purple circle", "Ultra", "1:1", 9, False, 4,
                                                     api_name="/generate")
-    wait_for(lambda: steps_started(ray_app, steps), 60, "the replica to start stepping")
-    job.cancel()
+
+    def denoising_progress():  # the replica's per-step progress, streamed through the ingress to this client
+        units = job.status().progress_data or []
+        return any(u.desc == "Denoising" and (u.index or 0) >= 1 and u.length == 32 for u in units)
+
+    try:
+        wait_for(denoising_progress, 90, "per-step progress from the replica")
+    finally:
+        job.cancel()
     assert_work_stopped(ray_app, steps, cancelled, "Gradio API cancel")
 
 
@@ -418,6 +426,15 @@ def test_sigkill_of_one_replica(ray_app):
              and total(ray_app, "steps_total") > steps, 60, "both replicas to be generating")
     killed_at = time.monotonic()
     os.kill(victim["pid"], signal.SIGKILL)  # a process of this test's own Ray instance
+    seen, sampling = [], threading.Event()
+
+    def sample():  # /readyz from the kill until the replacement is ready
+        while not sampling.wait(0.5):
+            status, _, body = http("GET", ray_app.url + "/readyz", timeout=30)
+            seen.append((status, json.loads(body)["replicas"]["ready"]))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     status, _, answer = post(ray_app, {"prompt": "meanwhile", "seed": 5, "size": "256x256", "steps": 2}, timeout=300)
     assert status == 200 and answer["zimage"]["replica"] != victim["id"]
     for t in threads:
@@ -433,5 +450,8 @@ def test_sigkill_of_one_replica(ray_app):
         return now["ready"] == 2 and victim["id"] not in ids and survivor["id"] in ids
 
     wait_for(replaced, 240, "Serve to replace the killed replica (2/2 ready)", every=1)
+    sampling.set()
+    sampler.join(timeout=60)
+    assert (200, 1) in seen and all(status == 200 for status, _ in seen), seen  # ready with one of two
     print(f"\nreplica replaced: 2/2 ready {time.monotonic() - killed_at:.1f} s after SIGKILL")
     assert post(ray_app, {"prompt": "after", "seed": 6, "size": "256x256", "steps": 2})[0] == 200

@@ -203,14 +203,18 @@ def build(engine, queue, store, metrics, settings) -> gr.Blocks:
         work = None
         try:
             job = await asyncio.to_thread(engine.resolve, req)  # tokenizes: off the event loop
-            work = asyncio.ensure_future(queue.run(ticket, job, lambda done, total: progress(
-                (done, total), desc="Denoising", unit="steps")))
+            # The engine reports steps on the GPU thread, where gr.Progress finds no event (its context is the
+            # event loop's) and drops them: the step is kept here and shown from this loop.
+            step: dict = {}
+            work = asyncio.ensure_future(queue.run(ticket, job, lambda done, total: step.update(now=(done, total))))
             while not work.done():
                 ahead = queue.position(ticket)
                 if ahead:
                     progress((0, job.denoise_steps * len(job.seeds)), desc=f"In queue: {ahead} ahead of you",
                              unit="steps")
-                await asyncio.wait({work}, timeout=0.5)
+                elif step:
+                    progress(step["now"], desc="Denoising", unit="steps")
+                await asyncio.wait({work}, timeout=0.25)
             result = work.result()
         except GenerationCancelled:
             metrics.observe_outcome("cancelled", "ui")
