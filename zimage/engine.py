@@ -148,7 +148,11 @@ class Engine:
 
     def resolve(self, request: GenerationRequest) -> Job:
         """Validate a request (RequestError on mistakes), decide its memory plan, count its prompt tokens."""
-        job = resolve(request)
+        return self.plan(resolve(request))
+
+    def plan(self, job: Job) -> Job:
+        """The engine's part of resolve: the LoRA checks, the memory refusal and plan, the prompt's token count.
+        A Ray replica (replicas.py) applies it to a job its ingress validated with request.resolve."""
         if job.loras:
             check_lora_limit(job, self.settings.max_loras if self.settings.loras_enabled() else 0)
             if self.loras is not None:

@@ -11,6 +11,9 @@ callers (CLI, benchmarks, tests). A cancel set while a request waits takes it ou
 
 `stop(reason)` (the service is shutting down): new requests and every running or waiting one get
 EngineUnavailable (HTTP 503 + Retry-After) instead of a dropped connection; running ones stop at the next step.
+
+`workers` generations run at once: 1 for the in-process engine, one per replica for Ray Serve (replicas.py),
+so the line and the place in it count all waiting work across the replicas.
 """
 
 from __future__ import annotations
@@ -35,9 +38,9 @@ class Ticket:
 
 
 class GenerationQueue:
-    def __init__(self, engine: ImageEngine, limit: int):
-        self.engine, self.limit = engine, limit
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zimage-gpu")
+    def __init__(self, engine: ImageEngine, limit: int, workers: int = 1):
+        self.engine, self.limit, self.workers = engine, limit, workers
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="zimage-gpu")
         self._lock = threading.Lock()
         self._numbers = itertools.count()
         self._waiting: list[Ticket] = []  # admitted, not yet running, in arrival order
@@ -54,13 +57,13 @@ class GenerationQueue:
             return sum(1 for t in self._waiting if not t.cancel.is_set())
 
     def admit(self) -> Ticket:
-        """A place in line, or QueueFull. One request may run while `limit` wait, as in Gradio's queue."""
+        """A place in line, or QueueFull. `workers` requests may run while `limit` wait, as in Gradio's queue."""
         with self._lock:
             if self._stopping:
                 raise EngineUnavailable(self._stopping)
             self._waiting = [t for t in self._waiting if not t.cancel.is_set()]
-            if len(self._waiting) + self._running >= self.limit + 1:
-                retry = max(1, math.ceil(self._recent_seconds * (len(self._waiting) + 1)))
+            if len(self._waiting) + self._running >= self.limit + self.workers:
+                retry = max(1, math.ceil(self._recent_seconds * (len(self._waiting) + 1) / self.workers))
                 raise QueueFull(f"the server is busy ({len(self._waiting)} request"
                                 f"{'s' if len(self._waiting) != 1 else ''} already waiting); retry in about "
                                 f"{retry} s", retry)

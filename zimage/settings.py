@@ -116,6 +116,19 @@ def _flag(raw: str) -> bool:
     raise ValueError("allowed values: on, off (or 1/0, true/false, yes/no; the bare flag means on)")
 
 
+def _gpus(raw: str) -> str:
+    value = raw.strip().lower()
+    if value == "auto":
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError("expected auto, or a number of GPUs per replica (0 for CPU replicas, 0.5 to share a GPU)") from None
+    if not 0 <= number <= 64:
+        raise ValueError("expected auto, or a number of GPUs per replica from 0 to 64")
+    return f"{number:g}"
+
+
 def _text(raw: str) -> str:
     value = raw.strip()
     if not value:
@@ -194,6 +207,15 @@ OPTIONS: tuple[Option, ...] = (
            "second copy of its weights on the GPU; fp8 weights are quantized again at each switch)"),
     Option("lora_cache_mib", _int_range(0, 1 << 20),
            "MiB of recently used LoRAs kept on the GPU (less where the memory profile has no room)"),
+    # Scale-out on Ray Serve (zimage/replicas.py; README "Scale-out"). 0 replicas: the single-process service.
+    Option("replicas", _int_range(0, 1024),
+           "0: one engine in this process (default); N: N engine replicas on Ray Serve behind this app"),
+    Option("ray_address", str.strip,
+           "with --replicas: the Ray cluster to join (auto, host:port, ray://...); empty starts a local Ray instance"),
+    Option("replica_gpus", _gpus,
+           "with --replicas: GPUs per replica: auto (1 where the cluster has GPUs, else 0), or a number"),
+    Option("ray_dashboard", _flag,
+           "with --replicas and a local Ray instance: start Ray's dashboard on 127.0.0.1:8265", const="on"),
 )
 
 
@@ -226,6 +248,10 @@ class Settings:
     lora_rank: int = 64
     lora_mode: str = "branch"
     lora_cache_mib: int = 1024
+    replicas: int = 0
+    ray_address: str = ""
+    replica_gpus: str = "auto"
+    ray_dashboard: bool = False
 
     def __post_init__(self) -> None:
         if self.cache_dir is None:
