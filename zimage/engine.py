@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from . import compile_cache, loading, lora, memory, speed, warmup
-from .interface import EngineState, EngineStatus, ProgressFn
+from .interface import EngineState, EngineStatus, ProgressFn, start_in_background
 from .request import (GenerationCancelled, GenerationRequest, GenerationResult, Job,
                       OutOfMemory, RequestError, check_lora_limit, resolve)
 from .settings import Settings
@@ -247,24 +247,16 @@ class Engine:
                                       self.settings.lora_rank, int(cache_mib * 2**20), mode=mode)
         self.lora_reserve_gib = (slots_gib + cache_mib / 1024) if self.usable_gib is not None else 0.0
 
+    def start(self) -> None:
+        """Load, then warm up (or mark ready): what the service runs at start-up."""
+        self.load()
+        if self.settings.warmup_enabled():
+            self.warm_up()
+        else:
+            self.mark_ready()
+
     def start_in_background(self, on_failure: Callable[[BaseException], None]) -> threading.Thread:
-        """Load, then warm up (or mark ready), on a background thread; `on_failure` is called if either fails."""
-
-        def run() -> None:
-            try:
-                self.load()
-                if self.settings.warmup_enabled():
-                    self.warm_up()
-                else:
-                    self.mark_ready()
-            except BaseException as exc:  # noqa: BLE001 - reported to the caller, which stops the server
-                self.mark_failed(str(exc))
-                log.error("start-up failed: %s", exc)
-                on_failure(exc)
-
-        thread = threading.Thread(target=run, name="zimage-engine-start", daemon=True)
-        thread.start()
-        return thread
+        return start_in_background(self.start, self.mark_failed, on_failure)
 
     def warm_up(self, shapes: list[warmup.Shape] | None = None) -> list[dict]:
         """One generation per shape the service will serve (warmup.shapes_to_warm by default), then ready.

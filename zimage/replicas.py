@@ -62,7 +62,7 @@ from ray.serve.exceptions import (BackPressureError, DeploymentUnavailableError,
 
 from . import request as requests
 from .engine import Engine, EngineStats
-from .interface import EngineState, EngineStatus, ProgressFn
+from .interface import EngineState, EngineStatus, ProgressFn, start_in_background
 from .metrics import SECONDS_BUCKETS
 from .outcomes import QueueFull
 from .request import EngineUnavailable, GenerationCancelled, GenerationRequest, GenerationResult, Job, OutOfMemory
@@ -130,11 +130,7 @@ class EngineReplica:
         self._stop = threading.Event()
         threading.Thread(target=self._report_loop, name="zimage-report", daemon=True).start()
         try:
-            self.engine.load()
-            if settings.warmup_enabled():
-                self.engine.warm_up()
-            else:
-                self.engine.mark_ready()
+            self.engine.start()
         except BaseException as exc:
             self.engine.mark_failed(str(exc))
             self._stop.set()
@@ -432,18 +428,7 @@ class RemoteEngine:
     def start_in_background(self, on_failure) -> threading.Thread:
         """Deploy the replicas (app.py) or wait for them (serve run) on a background thread; `on_failure` is called
         if that fails (the deployment failed: every replica's constructor failed, three times)."""
-
-        def run() -> None:
-            try:
-                self.load()
-            except BaseException as exc:  # noqa: BLE001 - reported to the caller, which stops the server
-                self.mark_failed(str(exc))
-                log.error("start-up failed: %s", exc)
-                on_failure(exc)
-
-        thread = threading.Thread(target=run, name="zimage-engine-start", daemon=True)
-        thread.start()
-        return thread
+        return start_in_background(self.load, self.mark_failed, on_failure)
 
     def load(self) -> None:
         if not ray.is_initialized():
