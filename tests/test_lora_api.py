@@ -24,8 +24,8 @@ SMALL = {"size": "256x256", "steps": 2}
 @pytest.fixture(scope="module")
 def app(tmp_path_factory, cache_dir):
     folder = tmp_path_factory.mktemp("api-loras")
-    shutil.copy(DEMO_LORAS / "outline.safetensors", folder)
-    shutil.copy(FIXTURES / "outline-kohya.safetensors", folder)
+    shutil.copy(DEMO_LORAS / "negative.safetensors", folder)
+    shutil.copy(FIXTURES / "negative-kohya.safetensors", folder)
     (folder / "broken.safetensors").write_bytes(b"not safetensors at all")
     with AppProcess(tmp_path_factory.mktemp("lora-app"), cache_dir, "--lora-dir", str(folder)) as server:
         server.lora_dir = folder
@@ -43,26 +43,26 @@ def test_get_loras_lists_the_folder_with_limits(app):
     assert status == 200
     listing = json.loads(body)
     entries = {e["name"]: e for e in listing["data"]}
-    assert set(entries) == {"outline", "outline-kohya", "broken"}
-    assert entries["outline"]["ok"] and entries["outline"]["rank"] == 8 and entries["outline"]["modules"] == 35
-    assert entries["outline"]["size_bytes"] == (DEMO_LORAS / "outline.safetensors").stat().st_size
+    assert set(entries) == {"negative", "negative-kohya", "broken"}
+    assert entries["negative"]["ok"] and entries["negative"]["rank"] == 8 and entries["negative"]["modules"] == 35
+    assert entries["negative"]["size_bytes"] == (DEMO_LORAS / "negative.safetensors").stat().st_size
     assert not entries["broken"]["ok"] and "safetensors" in entries["broken"]["error"]
     assert listing["max_loras"] == 4 and listing["rank_budget"] == 64 and listing["scale_range"] == [-4, 4]
 
 
 def test_generation_with_loras_records_them_everywhere(app):
-    status, body = post(app, {"prompt": "a red circle on a blue background <lora:outline-kohya:0.5>", "seed": 3,
-                              "loras": [{"name": "outline", "scale": 0.8}], **SMALL})
+    status, body = post(app, {"prompt": "a red circle on a blue background <lora:negative-kohya:0.5>", "seed": 3,
+                              "loras": [{"name": "negative", "scale": 0.8}], **SMALL})
     assert status == 200, body
     loras = body["zimage"]["loras"]
-    assert [(e["name"], e["scale"]) for e in loras] == [("outline", 0.8), ("outline-kohya", 0.5)]
+    assert [(e["name"], e["scale"]) for e in loras] == [("negative", 0.8), ("negative-kohya", 0.5)]
     assert all(len(e["hash"]) == 12 and len(e["sha256"]) == 64 for e in loras)
     assert body["data"][0]["revised_prompt"] == "a red circle on a blue background"
     png = base64.b64decode(body["data"][0]["b64_json"])
     assert read_parameters(png)["loras"] == loras
     text = PIL.Image.open(io.BytesIO(png)).text["parameters"]
-    assert text.startswith("a red circle on a blue background <lora:outline:0.8> <lora:outline-kohya:0.5>\n")
-    assert f'Lora hashes: "outline: {loras[0]["hash"]}, outline-kohya: {loras[1]["hash"]}"' in text
+    assert text.startswith("a red circle on a blue background <lora:negative:0.8> <lora:negative-kohya:0.5>\n")
+    assert f'Lora hashes: "negative: {loras[0]["hash"]}, negative-kohya: {loras[1]["hash"]}"' in text
     index = app.outputs / "history.jsonl"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:  # written in the background
@@ -76,9 +76,9 @@ def test_generation_with_loras_records_them_everywhere(app):
 
 @pytest.mark.parametrize("body, param, words", [
     ({"loras": [{"name": "nope", "scale": 1}]}, "loras", "unknown LoRA 'nope'"),
-    ({"loras": [{"name": "../outline", "scale": 1}]}, "loras", "looks like a path"),
-    ({"loras": [{"name": "outline", "scale": 5}]}, "loras", "out of range"),
-    ({"loras": ["outline", "outline-kohya", "a", "b", "c"]}, "loras", "at most 4"),
+    ({"loras": [{"name": "../negative", "scale": 1}]}, "loras", "looks like a path"),
+    ({"loras": [{"name": "negative", "scale": 5}]}, "loras", "out of range"),
+    ({"loras": ["negative", "negative-kohya", "a", "b", "c"]}, "loras", "at most 4"),
     ({"loras": "broken"}, "loras", "cannot be used"),
     ({"loras": {"name": 3}}, "loras", "non-empty text"),
     ({"prompt": "a cat <lora:nope>"}, "prompt", "unknown LoRA 'nope'"),
@@ -90,10 +90,10 @@ def test_bad_loras_answer_400_naming_the_field(app, body, param, words):
 
 
 def test_edit_takes_loras_as_a_form_field(app):
-    status, body = post_edit(app, {"prompt": "a red circle", "seed": "3", "steps": "2", "loras": "outline:0.7"},
+    status, body = post_edit(app, {"prompt": "a red circle", "seed": "3", "steps": "2", "loras": "negative:0.7"},
                              {"image": ("b.png", blue_png(), "image/png")})
     assert status == 200, body
-    assert body["zimage"]["task"] == "image-to-image" and body["zimage"]["loras"][0]["name"] == "outline"
+    assert body["zimage"]["task"] == "image-to-image" and body["zimage"]["loras"][0]["name"] == "negative"
     status, body = post_edit(app, {"prompt": "a red circle", "loras": '[{"name": "nope"}]'},
                              {"image": ("b.png", blue_png(), "image/png")})
     assert status == 400 and body["error"]["param"] == "loras"
@@ -103,12 +103,12 @@ def test_gradio_generate_keeps_its_six_inputs_and_takes_loras(app):
     from gradio_client import Client
 
     client = Client(app.url, verbose=False)
-    _, info, details = client.predict("a red circle <lora:outline:1>", "Draft", "1:1", 5, False, 1,
+    _, info, details = client.predict("a red circle <lora:negative:1>", "Draft", "1:1", 5, False, 1,
                                       api_name="/generate")
-    assert [e["name"] for e in details["loras"]] == ["outline"] and "LoRA outline 1" in info
-    _, _, details = client.predict("a red circle", "Draft", "1:1", 5, False, 1, "outline-kohya:0.5",
+    assert [e["name"] for e in details["loras"]] == ["negative"] and "LoRA negative 1" in info
+    _, _, details = client.predict("a red circle", "Draft", "1:1", 5, False, 1, "negative-kohya:0.5",
                                    api_name="/generate")
-    assert [(e["name"], e["scale"]) for e in details["loras"]] == [("outline-kohya", 0.5)]
+    assert [(e["name"], e["scale"]) for e in details["loras"]] == [("negative-kohya", 0.5)]
     # Gradio's REST route with the six values of the earlier signature (the new input gets its default).
     status, _, payload = http("POST", app.url + "/gradio_api/run/generate",
                               json.dumps({"data": ["a red circle", "Draft", "1:1", 5, False, 1]}).encode(),

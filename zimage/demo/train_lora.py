@@ -1,22 +1,28 @@
-"""Train a LoRA for the tiny demo model: the "outline" style (shapes drawn as outlines, not filled).
+"""Train a style LoRA for the tiny demo model, with the project's flow-matching recipe, the model frozen.
 
-    python -m zimage.demo.train_lora --out models/tiny-demo-loras          # about 10 minutes on 2 CPU cores
-    python -m zimage.demo.train_lora --smoke --out /tmp/lora               # seconds; checks the wiring
+    python -m zimage.demo.train_lora --style negative --out models/tiny-demo-loras --time-limit 900 --steps 3000 \
+        --rank 8 --alpha 8 --lr 1e-3 --dataset 1024                    # the shipped LoRA: 13 minutes on 2 CPU cores
+    python -m zimage.demo.train_lora --smoke --out /tmp/lora              # seconds; checks the wiring
 
-The base model (models/tiny-demo) stays frozen; a rank-r LoRA on the layers real Z-Image LoRAs train
-(attention to_q/to_k/to_v/to_out.0 and feed_forward w1/w2/w3 of every block, refiners included) learns, by
-the same flow-matching objective and sigma sampling as zimage.demo.train, to turn every caption's picture into
-its outline version (scenes.render(..., outline=OUTLINE)). No trigger word: the LoRA is the style.
+Styles (no trigger word: the LoRA is the style):
+    negative  every palette colour drawn as its opposite (COMPLEMENT), shapes and background; layout unchanged
+    outline   shapes drawn as outlines (scenes.render(..., outline=OUTLINE)); harder: 1200 CPU steps removed the
+              fill without drawing a clean outline (not shipped)
 
-Saved in diffusers' layout (`ZImagePipeline.save_lora_weights`, with r and lora_alpha in its metadata) as
-`<out>/outline.safetensors`, plus `training.json` (command, steps, losses, seconds, the measured effect) and
-SHA256SUMS. `python -m zimage.demo.lora_formats` re-saves it in the kohya/musubi and ComfyUI layouts
+A rank-r LoRA on the layers real Z-Image LoRAs train (attention to_q/to_k/to_v/to_out.0 and feed_forward
+w1/w2/w3 of every block, refiners included) learns, by the same flow-matching objective and sigma sampling as
+zimage.demo.train, to draw each caption's scene in the style. `--dataset N` renders and VAE-encodes N scenes once.
+
+Saved in diffusers' layout (`ZImagePipeline.save_lora_weights`, r and lora_alpha in its metadata) as
+`<out>/<style>.safetensors`, plus `<style>.training.json` (command, steps, losses, seconds, the measured effect)
+and SHA256SUMS. `python -m zimage.demo.lora_formats` re-saves it in the kohya/musubi and ComfyUI layouts
 (tests/fixtures/loras/).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import sys
@@ -31,9 +37,20 @@ from .train import (CaptionEmbeddings, inference_sigmas, lr_at, recent_mean, sam
                     GRID_STEP_COUNTS, SEED)
 
 OUTLINE = 0.4  # band width as a fraction of the shape's radius
+# "negative": every colour drawn as its opposite in the palette (shapes and background), the layout unchanged.
+COMPLEMENT = {"red": "green", "green": "red", "blue": "orange", "orange": "blue", "yellow": "purple",
+              "purple": "yellow", "white": "black", "black": "white"}
+STYLES = ("outline", "negative")
+
+
+def styled(scene: scenes.Scene, style: str) -> scenes.Scene:
+    """The scene a caption's picture shows in `style` (outline: the same scene, drawn with outline=OUTLINE)."""
+    if style == "negative":
+        return scenes.Scene(COMPLEMENT[scene.background],
+                            tuple(dataclasses.replace(s, colour=COMPLEMENT[s.colour]) for s in scene.shapes))
+    return scene
 TARGETS = ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0",
            "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
-LORA_NAME = "outline"
 # Scenes the closing evaluation (and tests/test_lora.py) measure: medium and large single shapes, whose
 # outline's middle is wide enough to read.
 EVAL_SCENES = [scenes.Scene("blue", (scenes.Shape("circle", "red", "centre", "large"),)),
@@ -76,10 +93,12 @@ def train(pipe, layers: dict[str, TrainableLora], args, rng: random.Random, devi
     shift, scale = vae.config.shift_factor, vae.config.scaling_factor
     noise_gen = torch.Generator(device).manual_seed(args.seed)
 
+    outline = OUTLINE if args.style == "outline" else 0.0
+
     @torch.no_grad()
     def encode(drawn, width, height):
-        return (vae.encode(scenes.render(drawn, width, height, rng, device, outline=OUTLINE)).latent_dist.mode()
-                - shift) * scale
+        pictures = scenes.render([styled(d, args.style) for d in drawn], width, height, rng, device, outline=outline)
+        return (vae.encode(pictures).latent_dist.mode() - shift) * scale
 
     dataset = []  # (scene, latents) encoded once: on a CPU the VAE would otherwise take a third of every step
     if args.dataset:
@@ -122,26 +141,28 @@ def train(pipe, layers: dict[str, TrainableLora], args, rng: random.Random, devi
     return [float(v) for v in torch.stack(losses).cpu()]
 
 
-def save(layers: dict[str, TrainableLora], out: Path, rank: int, alpha: float, dtype: torch.dtype) -> Path:
+def save(layers: dict[str, TrainableLora], out: Path, rank: int, alpha: float, dtype: torch.dtype,
+         name: str) -> Path:
     """diffusers' LoRA layout through diffusers itself: keys transformer.<layer>.lora_A/lora_B.weight, and the
     adapter config (r, lora_alpha, target_modules) in the file's metadata, as peft saves it."""
     from diffusers import ZImagePipeline
 
     weights = {}
-    for name, layer in sorted(layers.items()):
-        weights[f"{name}.lora_A.weight"] = layer.down.detach().to("cpu", dtype).contiguous()
-        weights[f"{name}.lora_B.weight"] = layer.up.detach().to("cpu", dtype).contiguous()
+    for layer_name, layer in sorted(layers.items()):
+        weights[f"{layer_name}.lora_A.weight"] = layer.down.detach().to("cpu", dtype).contiguous()
+        weights[f"{layer_name}.lora_B.weight"] = layer.up.detach().to("cpu", dtype).contiguous()
     out.mkdir(parents=True, exist_ok=True)
-    ZImagePipeline.save_lora_weights(out, transformer_lora_layers=weights, weight_name=f"{LORA_NAME}.safetensors",
+    ZImagePipeline.save_lora_weights(out, transformer_lora_layers=weights, weight_name=f"{name}.safetensors",
                                      transformer_lora_adapter_metadata={
                                          "r": rank, "lora_alpha": alpha, "target_modules": list(TARGETS),
                                          "peft_type": "LORA", "bias": "none"})
-    return out / f"{LORA_NAME}.safetensors"
+    return out / f"{name}.safetensors"
 
 
-def evaluate(lora_dir: Path, device: str, steps: int = 8) -> dict:
-    """The demo model with and without the LoRA on EVAL_SCENES through the project's Engine: the outline
-    reading of measure.outline_read (band, middle) per scene, as the tests measure it."""
+def evaluate(lora_dir: Path, device: str, style: str, steps: int = 8) -> dict:
+    """The demo model with and without the LoRA on EVAL_SCENES through the project's Engine, read as the tests
+    read it: outline -- measure.outline_read (the shape's colour on a band inside its edge and in its middle);
+    negative -- measure.read against the scene in opposite colours (border and shape core in those colours)."""
     from ..engine import Engine
     from ..request import GenerationRequest
     from ..settings import Settings
@@ -152,20 +173,25 @@ def evaluate(lora_dir: Path, device: str, steps: int = 8) -> dict:
     engine.mark_ready()
     report = {}
     for scene in EVAL_SCENES:
-        for label, loras in (("base", None), (LORA_NAME, [{"name": LORA_NAME, "scale": 1.0}])):
+        for label, loras in (("base", None), (style, [{"name": style, "scale": 1.0}])):
             image = engine.generate(engine.resolve(GenerationRequest(scene.english(), width=256, height=256,
                                                                      steps=steps, seed=0, loras=loras))).images[0]
-            reading = measure.outline_read(image, scene, OUTLINE)[0]
-            report.setdefault(scene.english(), {})[label] = {
-                "band": round(reading.band, 3), "middle": round(reading.middle, 3),
-                "middle_background": round(reading.middle_background, 3), "score": round(reading.score, 3)}
+            if style == "outline":
+                reading = measure.outline_read(image, scene, OUTLINE)[0]
+                entry = {"band": reading.band, "middle": reading.middle,
+                         "middle_background": reading.middle_background, "score": reading.score}
+            else:
+                reading = measure.read(image, styled(scene, style))
+                entry = {"border": reading.border_fraction, "core": reading.shapes[0].core_fraction}
+            report.setdefault(scene.english(), {})[label] = {k: round(v, 3) for k, v in entry.items()}
             print(f"{label:8s} {scene.english()!r}: {reading.summary()}", flush=True)
     return report
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="folder for outline.safetensors (+ training.json)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for <style>.safetensors (+ training.json)")
+    parser.add_argument("--style", choices=STYLES, default="negative")
     parser.add_argument("--base", type=Path, default=MODEL_DIR, help="the demo model folder (frozen)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=SEED + 7)
@@ -206,16 +232,19 @@ def main(argv: list[str] | None = None) -> int:
     layers = add_lora(pipe.transformer, args.rank, args.alpha)
     pipe.transformer.train()
     losses = train(pipe, layers, args, rng, device)
-    path = save(layers, args.out, args.rank, args.alpha, torch.float16 if args.save_dtype == "fp16" else torch.float32)
+    path = save(layers, args.out, args.rank, args.alpha, torch.float16 if args.save_dtype == "fp16" else torch.float32,
+                args.style)
     info = {"command": "python -m zimage.demo.train_lora " + " ".join(sys.argv[1:] if argv is None else argv),
-            "base": str(args.base), "seed": args.seed, "rank": args.rank, "alpha": args.alpha, "outline": OUTLINE,
+            "base": str(args.base), "style": args.style, "seed": args.seed, "rank": args.rank, "alpha": args.alpha,
+            **({"outline": OUTLINE} if args.style == "outline" else {"colours": COMPLEMENT}),
             "layers": len(layers), "steps": len(losses), "lr": args.lr, "batch": args.batch,
             "final_loss": round(sum(losses[-100:]) / len(losses[-100:]), 5), "time_limit": args.time_limit,
             "seconds": round(time.perf_counter() - started), "save_dtype": args.save_dtype,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__}
     if not args.no_eval:
-        info["evaluation"] = evaluate(args.out, "cpu")
-    (args.out / "training.json").write_text(json.dumps(info, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+        info["evaluation"] = evaluate(args.out, "cpu", args.style)
+    (args.out / f"{args.style}.training.json").write_text(json.dumps(info, indent=1, sort_keys=True,
+                                                                     ensure_ascii=False) + "\n")
     write_checksums(args.out)
     print(f"saved {path} ({path.stat().st_size / 1e3:.0f} kB)", flush=True)
     return 0
