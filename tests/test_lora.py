@@ -429,3 +429,25 @@ def test_fp8_layers_take_loras_by_branch_and_by_merge(lora_dir, tiny_settings, m
     assert np.abs(by_merge - by_branch).mean() < 0.25 * effect, (np.abs(by_merge - by_branch).mean(), effect)
     assert np.array_equal(run(merge, None), plain) and np.array_equal(run(branch, None), plain)
     assert all(torch.equal(w.base.weight, saved[n]) for n, w in merge.loras.wrappers.items())
+
+
+def test_lora_memory_is_counted_and_the_cache_gets_what_is_left(lora_dir, tiny_settings, monkeypatch):
+    """On a (pretend) 16 GiB card with the 16gb fp8 profile: the slots count in every refusal, the device cache gets
+    what is left beside the largest tier, and merge mode's weight copy, which cannot fit, stops start-up."""
+    from zimage import memory
+
+    monkeypatch.setattr(memory, "usable_gib", lambda device: 16.0)
+    engine = Engine(tiny_settings.replace(model="tiny", lora_dir=lora_dir, memory_profile="16gb"))
+    engine.fp8 = True
+    monkeypatch.setattr("zimage.speed.fp8_wanted", lambda *a: True)
+    monkeypatch.setattr(memory.Placement, "place", lambda self: None)  # a CPU model: nothing to quantize or move
+    engine.load()
+    resident = engine.loras.resident_bytes() / 2**30
+    room = 16.0 - memory.HEADROOM_GIB - resident - max(memory.EXPECTED_PEAK_GIB[("16gb", True)].values())
+    assert engine.lora_reserve_gib == pytest.approx(resident)
+    assert engine.loras.cache_bytes == int(min(1024, room * 1024) * 2**20) < 1024 * 2**20
+    big = Engine(tiny_settings.replace(model="tiny", lora_dir=lora_dir, memory_profile="16gb", lora_mode="merge",
+                                       lora_cache_mib=64))
+    monkeypatch.setattr(lora.LoraRuntime, "resident_bytes", lambda self: 6 * 2**30)
+    with pytest.raises(RuntimeError, match="--lora-mode merge needs 6.0 GiB"):
+        big.load()

@@ -206,7 +206,7 @@ class Engine:
             self.attention_backend = speed.choose_attention_backend(self.settings.attention, self.device)
             speed.apply_attention_backend(pipe.transformer, self.attention_backend)
             if self.settings.loras_enabled():  # slots on every Linear: after fp8 quantization, before compile
-                self._install_loras(pipe.transformer, profile, lora_gib)
+                self._install_loras(pipe.transformer, profile)
             if self.settings.compile_enabled():
                 speed.use_compile_cache(self.settings.cache_dir / "inductor")
                 # Saved artifacts for exactly these settings go in before anything compiles (compile_cache.py).
@@ -225,27 +225,30 @@ class Engine:
         self._state = EngineState.WARMING
         log.info("engine loaded: %s", self.describe())
 
-    def _install_loras(self, transformer, profile: str, slots_gib: float) -> None:
-        """LoRA slots on the transformer, and the device cache's budget: the setting, or what the profile leaves
-        free beside the largest tier (so the 16gb and 12gb profiles keep their margins)."""
+    def _install_loras(self, transformer, profile: str) -> None:
+        """LoRA slots on the transformer (or merge mode's copy of its weights), and the device cache's budget: the
+        setting, or what the profile leaves free beside its largest tier, so the 16gb and 12gb profiles keep
+        their margins. Refusals then count what LoRAs hold resident (`lora_reserve_gib`); the cache always fits
+        beside the largest tier, so it never causes one."""
         mode = self.settings.lora_mode
-        cache_mib = float(self.settings.lora_cache_mib)
-        if mode == "merge":  # a second copy of every Linear weight stays on the device
-            if self.placement.profile.transformer_streamed:
-                raise RuntimeError("--lora-mode merge needs the transformer resident on the GPU (memory profile full "
-                                   "or 16gb); use --lora-mode branch with this memory profile")
-            slots_gib = lora.weight_bytes(transformer) / 2**30
-        if self.usable_gib is not None:
-            room = (self.usable_gib - memory.HEADROOM_GIB - slots_gib
-                    - max(memory.EXPECTED_PEAK_GIB[(profile, self.fp8)].values()))
-            if room < 0:
-                raise RuntimeError(f"--lora-mode {mode} needs {slots_gib:.1f} GiB beside the model and this GPU has "
-                                   f"{room + slots_gib:.1f} GiB to spare with the {profile} profile: use --lora-mode "
-                                   "branch, a lower --lora-rank, or --lora-rank 0 (LoRAs off)")
-            cache_mib = max(0.0, min(cache_mib, room * 1024))
+        if mode == "merge" and self.placement.profile.transformer_streamed:
+            raise RuntimeError("--lora-mode merge needs the transformer resident on the GPU (memory profile full "
+                               "or 16gb); use --lora-mode branch with this memory profile")
         self.loras = lora.LoraRuntime(self.lora_library, transformer, self.device, self.dtype,
-                                      self.settings.lora_rank, int(cache_mib * 2**20), mode=mode)
-        self.lora_reserve_gib = (slots_gib + cache_mib / 1024) if self.usable_gib is not None else 0.0
+                                      self.settings.lora_rank, 0, mode=mode)
+        resident = self.loras.resident_bytes() / 2**30
+        cache_mib = float(self.settings.lora_cache_mib)
+        if self.usable_gib is not None:
+            room = (self.usable_gib - memory.HEADROOM_GIB - resident
+                    - max(memory.EXPECTED_PEAK_GIB[(profile, self.fp8)].values()))
+            if room < 0 and mode == "merge":
+                self.loras = None
+                raise RuntimeError(f"--lora-mode merge needs {resident:.1f} GiB beside the model and this GPU has "
+                                   f"{room + resident:.1f} GiB to spare with the {profile} profile: use --lora-mode "
+                                   "branch")
+            cache_mib = max(0.0, min(cache_mib, room * 1024))
+            self.lora_reserve_gib = resident
+        self.loras.cache_bytes = int(cache_mib * 2**20)
 
     def start(self) -> None:
         """Load, then warm up (or mark ready): what the service runs at start-up."""

@@ -577,6 +577,16 @@ class LoraRuntime:
             log.info("LoRA merge mode: %d layers, weight copy %.0f MiB, device cache up to %.0f MiB, folder %s",
                      len(self.wrappers), self.master_bytes / 2**20, cache_bytes / 2**20, library.folder)
 
+    def resident_bytes(self) -> int:
+        """Device memory LoRAs hold beside the model (the cache aside): the slots plus the branch's activations
+        (ACTIVATION_MARGIN_GIB on the full-size model, in proportion on smaller ones), or merge mode's copy."""
+        if self.mode == "merge":
+            return self.master_bytes
+        if not self.rank:
+            return 0
+        full = slot_bytes(turbo_linear_shapes(), self.rank, torch.empty((), dtype=self.dtype).element_size())
+        return int(self.slot_bytes + ACTIVATION_MARGIN_GIB * 2**30 * min(1.0, self.slot_bytes / full))
+
     # ---- resolve time: cheap checks, any thread -----------------------------------------------------------------
     def check(self, specs: tuple[LoraSpec, ...]) -> None:
         """RequestError unless every LoRA is a usable file of the folder and their ranks fit the slots together."""
