@@ -2,6 +2,7 @@
 
     python app.py --model tiny                   # offline demo
     python app.py --host 0.0.0.0 --port 7860     # the real model, served to other machines
+    python app.py --replicas 4                   # 4 engine replicas (one per GPU) on a local Ray instance
 
 Every flag also reads ZIMAGE_<NAME> from the environment (flags win); `python app.py --help` lists them.
 Exit codes: 0 clean shutdown, 1 start-up failed (port in use, model missing), 2 invalid settings.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 import socket
 import sys
+import threading
 
 from zimage import memory
 
@@ -52,9 +54,19 @@ def main(argv: list[str] | None = None) -> int:
 
     # The model starts loading before Gradio and the web stack are imported (~10 s of imports on a GPU host),
     # so a restart overlaps the two instead of adding them.
-    from zimage.engine import Engine
+    if settings.replicas:  # Ray Serve replicas behind this process; nothing imports Ray otherwise
+        from zimage.replicas import RemoteEngine
 
-    engine = Engine(settings)
+        engine = RemoteEngine(settings)
+        try:
+            engine.connect()  # Ray (local or --ray-address) on this thread, before uvicorn: see connect()
+        except Exception as exc:  # noqa: BLE001 - reported like any start-up failure
+            print(f"error: cannot start or reach Ray: {exc}", file=sys.stderr)
+            return 1
+    else:
+        from zimage.engine import Engine
+
+        engine = Engine(settings)
     failures: list[BaseException] = []
     server = None
 
@@ -70,12 +82,31 @@ def main(argv: list[str] | None = None) -> int:
     from zimage.server import create_service
 
     service = create_service(settings, engine)
-    server = uvicorn.Server(uvicorn.Config(service.app, log_level="warning", access_log=False,
-                                           timeout_graceful_shutdown=30))
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            # SIGTERM: running and queued generations get `shutdown_grace` seconds, then are cancelled with a 503
+            # + Retry-After, inside uvicorn's own graceful window (which would otherwise cut them with a 500).
+            if not self.should_exit:
+                timer = threading.Timer(settings.shutdown_grace, service.queue.stop,
+                                        args=("the service is restarting; retry in a few seconds",))
+                timer.daemon = True
+                timer.start()
+            super().handle_exit(sig, frame)
+
+    # asyncio, h11 and no WebSocket protocol, named: ray[serve] installs uvloop, httptools and websockets, which
+    # uvicorn's "auto" would pick instead of what this server was built and hardened on.
+    server = Server(uvicorn.Config(service.app, log_level="warning", access_log=False,
+                                   timeout_graceful_shutdown=settings.shutdown_grace + 10, loop="asyncio", http="h11",
+                                   ws="none"))
     if failures:  # failed while the web stack was importing
         server.should_exit = True
     log.info("serving on http://%s:%d (model %s)", settings.host, settings.port, settings.model)
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    finally:
+        if settings.replicas:
+            engine.shutdown()  # the Serve application (and a local Ray instance) goes with this process
     service.store.close()  # finish writing queued images
     if failures:
         print(f"error: {failures[0]}", file=sys.stderr)

@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 
 import PIL.Image
@@ -155,3 +156,30 @@ def test_sigterm_right_after_a_response_still_writes_every_image(tmp_path, cache
     assert len(pngs) == 4 and len(history) == 4, (pngs, history, server.log()[-2000:])
     for png in pngs:
         PIL.Image.open(png).verify()
+
+
+def test_sigterm_cancels_a_long_generation_with_503_after_the_grace(tmp_path, cache_dir):
+    """A generation longer than the shutdown grace is cancelled at its next step and answered 503 + Retry-After
+    (before: uvicorn's graceful timeout cut the handler and the client got a 500, CI 2026-11-24)."""
+    body = json.dumps({"prompt": "a slow one", "size": "1024x1024", "steps": 8, "n": 4, "seed": 1}).encode()
+    answers = []
+    with AppProcess(tmp_path, cache_dir, "--shutdown-grace", "1") as server:
+        worker = threading.Thread(target=lambda: answers.append(http(
+            "POST", server.url + "/v1/images/generations", body, {"Content-Type": "application/json"}, timeout=300)))
+        worker.start()
+        deadline = time.monotonic() + 60
+        while "zimage_inflight 1.0" not in http("GET", server.url + "/metrics")[2].decode():
+            assert time.monotonic() < deadline, "the generation never started"
+            time.sleep(0.2)
+        t0 = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        worker.join(timeout=120)
+        code = server.proc.wait(timeout=60)
+        took = time.monotonic() - t0
+    status, headers, answer = answers[0]
+    assert status == 503, answer
+    assert json.loads(answer)["error"]["message"].startswith("the service is restarting")
+    assert int(headers["retry-after"]) > 0
+    assert took < 30, took  # the grace (1 s) plus one step, not uvicorn's whole window
+    assert code in (0, -signal.SIGTERM)
+    assert "cancelled" in server.log() and "Traceback" not in server.log()

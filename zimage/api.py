@@ -156,6 +156,8 @@ def install(app: FastAPI, *, engine, queue, store, metrics, settings) -> None:
             body["detail"] = status.detail
         if store.last_error:
             body["outputs_error"] = store.last_error
+        if hasattr(engine, "replica_summary"):  # Ray Serve (replicas.py): {"ready", "total", "replicas": [...]}
+            body["replicas"] = engine.replica_summary()
         return JSONResponse(body, status_code=200 if status.ready else 503)
 
     @router.get("/metrics")
@@ -219,6 +221,10 @@ def install(app: FastAPI, *, engine, queue, store, metrics, settings) -> None:
                 if not work.done() and await request.is_disconnected():
                     ticket.cancel.set()  # the client went away: stop at the next step, free the GPU
             result = work.result()
+        except asyncio.CancelledError:  # the handler itself was cancelled (a proxy saw the client go): stop too
+            ticket.cancel.set()
+            work.add_done_callback(lambda done: done.cancelled() or done.exception())  # its end is expected
+            raise
         except Exception as exc:
             outcome = outcome_of(exc)
             if outcome.status == "error":
@@ -244,7 +250,8 @@ def install(app: FastAPI, *, engine, queue, store, metrics, settings) -> None:
         return {"created": int(time.time()), "data": data, "output_format": output_format,
                 "size": f"{result.width}x{result.height}", "quality": result.preset,
                 "zimage": {**task, "seeds": result.seeds, "steps": result.steps, "timings": result.timings,
-                           "peak_vram_bytes": result.peak_vram_bytes, "warnings": warnings}}
+                           "peak_vram_bytes": result.peak_vram_bytes, "warnings": warnings,
+                           **({"replica": result.replica} if result.replica else {})}}
 
     @router.get("/v1/loras")
     async def loras(request: Request):

@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from . import compile_cache, loading, lora, memory, speed, warmup
-from .interface import EngineState, EngineStatus, ProgressFn
+from .interface import EngineState, EngineStatus, ProgressFn, start_in_background
 from .request import (GenerationCancelled, GenerationRequest, GenerationResult, Job,
                       OutOfMemory, RequestError, check_lora_limit, resolve)
 from .settings import Settings
@@ -148,7 +148,11 @@ class Engine:
 
     def resolve(self, request: GenerationRequest) -> Job:
         """Validate a request (RequestError on mistakes), decide its memory plan, count its prompt tokens."""
-        job = resolve(request)
+        return self.plan(resolve(request))
+
+    def plan(self, job: Job) -> Job:
+        """The engine's part of resolve: the LoRA checks, the memory refusal and plan, the prompt's token count.
+        A Ray replica (replicas.py) applies it to a job its ingress validated with request.resolve."""
         if job.loras:
             check_lora_limit(job, self.settings.max_loras if self.settings.loras_enabled() else 0)
             if self.loras is not None:
@@ -246,24 +250,16 @@ class Engine:
             self.lora_reserve_gib = resident
         self.loras.cache_bytes = int(cache_mib * 2**20)
 
+    def start(self) -> None:
+        """Load, then warm up (or mark ready): what the service runs at start-up."""
+        self.load()
+        if self.settings.warmup_enabled():
+            self.warm_up()
+        else:
+            self.mark_ready()
+
     def start_in_background(self, on_failure: Callable[[BaseException], None]) -> threading.Thread:
-        """Load, then warm up (or mark ready), on a background thread; `on_failure` is called if either fails."""
-
-        def run() -> None:
-            try:
-                self.load()
-                if self.settings.warmup_enabled():
-                    self.warm_up()
-                else:
-                    self.mark_ready()
-            except BaseException as exc:  # noqa: BLE001 - reported to the caller, which stops the server
-                self.mark_failed(str(exc))
-                log.error("start-up failed: %s", exc)
-                on_failure(exc)
-
-        thread = threading.Thread(target=run, name="zimage-engine-start", daemon=True)
-        thread.start()
-        return thread
+        return start_in_background(self.start, self.mark_failed, on_failure)
 
     def warm_up(self, shapes: list[warmup.Shape] | None = None) -> list[dict]:
         """One generation per shape the service will serve (warmup.shapes_to_warm by default), then ready.

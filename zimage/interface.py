@@ -71,3 +71,22 @@ class ImageEngine(Protocol):
     def describe(self) -> dict: ...
 
     def list_loras(self) -> list[dict]: ...
+
+
+def start_in_background(start: Callable[[], None], mark_failed: Callable[[str], None],
+                        on_failure: Callable[[BaseException], None]) -> threading.Thread:
+    """Run an engine's `start` (load, warm up) on a background thread, so the server answers /healthz meanwhile;
+    if it fails, `mark_failed` records why and `on_failure` is called (app.py stops the server)."""
+    import logging
+
+    def run() -> None:
+        try:
+            start()
+        except BaseException as exc:  # noqa: BLE001 - reported to the caller, which stops the server
+            mark_failed(str(exc))
+            logging.getLogger("zimage.engine").error("start-up failed: %s", exc)
+            on_failure(exc)
+
+    thread = threading.Thread(target=run, name="zimage-engine-start", daemon=True)
+    thread.start()
+    return thread

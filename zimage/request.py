@@ -124,6 +124,7 @@ class GenerationResult:
     strength: float | None = None
     input_sha256: str | None = None
     loras: list[dict] = field(default_factory=list)  # as applied: name, scale, hash (A1111 short), sha256
+    replica: str | None = None  # the Ray Serve replica that ran it (replicas.py); None in process
 
 
 def _as_int(value: Any, param: str, what: str) -> int:

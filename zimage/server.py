@@ -33,13 +33,15 @@ class Service:
 def create_service(settings: Settings, engine: Engine | None = None) -> Service:
     engine = engine or Engine(settings)
     store = OutputStore(settings.outputs, settings.model)
-    queue = GenerationQueue(engine, settings.queue_size)
+    queue = GenerationQueue(engine, settings.queue_size, workers=getattr(engine, "concurrency", 1))  # Ray: replicas
     metrics = Metrics(engine, queue_depth=lambda: queue.waiting + engine.waiting,
                       max_waiting=lambda: max(queue.max_waiting, engine.stats.max_waiting), store=store)
+    if hasattr(engine, "metrics_collector"):  # Ray Serve (replicas.py): the zimage_replica_* series
+        metrics.registry.register(engine.metrics_collector())
     demo = ui.build(engine, queue, store, metrics, settings)
     # Gradio hands every UI event to our queue at once (its handler is async: a waiting one holds no thread);
     # the GPU queue above decides who waits and who is told "busy", for the UI and the JSON API alike.
-    demo.queue(max_size=settings.queue_size, default_concurrency_limit=settings.queue_size + 1)
+    demo.queue(max_size=settings.queue_size, default_concurrency_limit=settings.queue_size + queue.workers)
 
     app = FastAPI(title="Z-Image-Turbo studio", version="1", docs_url=None, redoc_url=None)  # /docs: api.py
 

@@ -116,6 +116,19 @@ def _flag(raw: str) -> bool:
     raise ValueError("allowed values: on, off (or 1/0, true/false, yes/no; the bare flag means on)")
 
 
+def _gpus(raw: str) -> str:
+    value = raw.strip().lower()
+    if value == "auto":
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError("expected auto, or a number of GPUs per replica (0 for CPU replicas, 0.5 to share a GPU)") from None
+    if not 0 <= number <= 64:
+        raise ValueError("expected auto, or a number of GPUs per replica from 0 to 64")
+    return f"{number:g}"
+
+
 def _text(raw: str) -> str:
     value = raw.strip()
     if not value:
@@ -169,6 +182,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("host", _text, "address to bind; 0.0.0.0 to serve other machines"),
     Option("port", _int_range(1, 65535), "port to bind"),
     Option("queue_size", _int_range(1, 10_000), "requests allowed to wait for the GPU; more get 'busy' / HTTP 429"),
+    Option("shutdown_grace", _int_range(0, 3600), "seconds a stopping service (SIGTERM: supervisorctl stop/restart) "
+           "lets running and queued generations finish before it cancels them with HTTP 503 + Retry-After"),
     Option("auth", _auth, "user:password protecting the UI and the JSON API (empty: no auth)"),
     Option("allowed_hosts", parse_allowed_hosts,
            "extra Host names to answer to, comma-separated (name, name:port, IP); loopback names and a specific "
@@ -192,6 +207,15 @@ OPTIONS: tuple[Option, ...] = (
            "second copy of its weights on the GPU; fp8 weights are quantized again at each switch)"),
     Option("lora_cache_mib", _int_range(0, 1 << 20),
            "MiB of recently used LoRAs kept on the GPU (less where the memory profile has no room)"),
+    # Scale-out on Ray Serve (zimage/replicas.py; README "Scale-out"). 0 replicas: the single-process service.
+    Option("replicas", _int_range(0, 1024),
+           "0: one engine in this process (default); N: N engine replicas on Ray Serve behind this app"),
+    Option("ray_address", str.strip,
+           "with --replicas: the Ray cluster to join (auto, host:port, ray://...); empty starts a local Ray instance"),
+    Option("replica_gpus", _gpus,
+           "with --replicas: GPUs per replica: auto (1 where the cluster has GPUs, else 0), or a number"),
+    Option("ray_dashboard", _flag,
+           "with --replicas and a local Ray instance: start Ray's dashboard on 127.0.0.1:8265", const="on"),
 )
 
 
@@ -209,6 +233,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 7860
     queue_size: int = 32
+    shutdown_grace: int = 20  # supervisord's stopwaitsecs (45) covers it plus the answers and the outputs flush
     auth: str = ""
     allowed_hosts: tuple[str, ...] = ()
     allow_public_no_auth: bool = False
@@ -223,6 +248,10 @@ class Settings:
     lora_rank: int = 64
     lora_mode: str = "branch"
     lora_cache_mib: int = 1024
+    replicas: int = 0
+    ray_address: str = ""
+    replica_gpus: str = "auto"
+    ray_dashboard: bool = False
 
     def __post_init__(self) -> None:
         if self.cache_dir is None:

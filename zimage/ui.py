@@ -70,7 +70,8 @@ def run_details(result) -> dict:
     """What programs calling api_name="generate" need besides the pictures."""
     return {"seeds": result.seeds, "width": result.width, "height": result.height, "steps": result.steps,
             "preset": result.preset, "timings": result.timings, "peak_vram_bytes": result.peak_vram_bytes,
-            "warnings": result.warnings, "loras": getattr(result, "loras", [])}
+            "warnings": result.warnings, "loras": getattr(result, "loras", []),
+            **({"replica": result.replica} if result.replica else {})}
 
 
 def lora_text(*rows) -> str:
@@ -271,22 +272,32 @@ def build(engine, queue, store, metrics, settings) -> gr.Blocks:
         session = request.session_hash if request is not None else None
         if session:
             running[session] = ticket
+        work = None
         try:
             job = await asyncio.to_thread(engine.resolve, req)  # tokenizes: off the event loop
-            work = asyncio.ensure_future(queue.run(ticket, job, lambda done, total: progress(
-                (done, total), desc="Denoising", unit="steps")))
+            # The engine reports steps on the GPU thread, where gr.Progress finds no event (its context is the
+            # event loop's) and drops them: the step is kept here and shown from this loop.
+            step: dict = {}
+            work = asyncio.ensure_future(queue.run(ticket, job, lambda done, total: step.update(now=(done, total))))
             while not work.done():
                 ahead = queue.position(ticket)
                 if ahead:
                     progress((0, job.denoise_steps * len(job.seeds)), desc=f"In queue: {ahead} ahead of you",
                              unit="steps")
-                await asyncio.wait({work}, timeout=0.5)
+                elif step:
+                    progress(step["now"], desc="Denoising", unit="steps")
+                await asyncio.wait({work}, timeout=0.25)
             result = work.result()
         except GenerationCancelled:
             metrics.observe_outcome("cancelled", "ui")
             return None, "Cancelled.", None, gr.update(), None
         except EngineError as exc:
             refuse(exc)
+        except asyncio.CancelledError:  # Gradio cancelled the event (a Gradio API cancel): stop the work as well
+            ticket.cancel.set()
+            if work is not None:
+                work.add_done_callback(lambda done: done.cancelled() or done.exception())  # its end is expected
+            raise
         finally:
             queue.leave(ticket)  # no-op once it ran; frees the place of a request resolve refused
             if session and running.get(session) is ticket:
@@ -461,7 +472,7 @@ def build(engine, queue, store, metrics, settings) -> gr.Blocks:
                     api_visibility="private")
         run = go.click(generate, [prompt, quality, aspect, seed, random_seed, count, loras],
                        [gallery, info, details, last_seed, last], api_name="generate",
-                       concurrency_limit=settings.queue_size + 1)
+                       concurrency_limit=settings.queue_size + queue.workers)
         demo.generate_fn_index = run.get("id")  # for GenerateArgsCompat (six-value calls of the old signature)
         for picker in pickers:  # the picker writes the `loras` text that `generate` reads
             picker.change(lora_text, pickers, loras, queue=False, api_visibility="private")
@@ -479,7 +490,7 @@ def build(engine, queue, store, metrics, settings) -> gr.Blocks:
         edit_last, edit_details, history_pick = gr.State(None), gr.State(None), gr.State(None)
         edit_run = edit_go.click(edit, [editor, edit_prompt, strength, edit_quality, edit_seed, edit_random],
                                  [edit_gallery, edit_info, edit_details, edit_seed, edit_last],
-                                 concurrency_limit=settings.queue_size + 1, api_visibility="private")
+                                 concurrency_limit=settings.queue_size + queue.workers, api_visibility="private")
         edit_run.then(lambda: gr.Gallery(selected_index=0), None, edit_gallery, queue=False, api_visibility="private")
         edit_run.then(report_saved, edit_last, [edit_files, edit_info, history], concurrency_limit=None,
                       api_visibility="private")
