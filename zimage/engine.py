@@ -305,9 +305,12 @@ class Engine:
         self._state, self._detail = EngineState.FAILED, reason
 
     def close(self) -> None:
-        """Drop the pipeline (benchmarks that build several engines in one process)."""
-        self.stages = self.placement = None
+        """Drop the pipeline (benchmarks that build several engines in one process). mark_ready froze the garbage
+        collector's view of everything loaded so far (gc.freeze); unfrozen here, or the reference cycles of the
+        compiled blocks would keep this engine's weights on the GPU for the rest of the process."""
+        self.stages = self.placement = self.loras = None
         self._state, self._detail = EngineState.FAILED, "closed"
+        gc.unfreeze()
         memory.release_memory(self.device)
 
     @property
