@@ -107,7 +107,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if settings.replicas:
             engine.shutdown()  # the Serve application (and a local Ray instance) goes with this process
-    service.store.close()  # finish writing queued images
     if failures:
         print(f"error: {failures[0]}", file=sys.stderr)
         return 1

@@ -123,6 +123,8 @@ class EngineReplica:
         self.board = board
         self.steps = 0  # denoising steps run, all requests: the tests' evidence that a cancel stopped the work
         self.started = time.time()
+        self._loras: list[dict] = []  # the LoRA folder's listing, re-read every LORA_LISTING_SECONDS
+        self._loras_at = float("-inf")
         if ray.get_runtime_context().get_accelerator_ids().get("GPU"):
             settings = settings.replace(device="cuda")  # the GPU Ray gave this replica is the only one it sees
         self.engine = Engine(settings)
@@ -205,12 +207,11 @@ class EngineReplica:
         """The replica's LoRA folder (GET /v1/loras, the UI picker), re-read every LORA_LISTING_SECONDS: a direct
         call would wait behind a running generation (one call at a time per replica)."""
         now = time.monotonic()
-        if now - getattr(self, "_loras_at", -1e9) >= LORA_LISTING_SECONDS:
+        if now - self._loras_at >= LORA_LISTING_SECONDS:
             try:
                 self._loras = self.engine.list_loras()
             except Exception as exc:  # noqa: BLE001 - a listing problem must not stop the reports
                 log.warning("listing the LoRA folder failed: %s", exc)
-                self._loras = getattr(self, "_loras", [])
             self._loras_at = now
         return self._loras
 
