@@ -7,6 +7,10 @@ import os
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+# Dynamo's precompile cache is process-wide torch state: with it, one test's engine would load graphs another
+# test's engine traced (and graph counts would mean nothing). Off here and in app subprocesses; the tests that
+# are about it turn it on in their own processes (tests/test_compile_cache.py).
+os.environ["ZIMAGE_SPEED"] = ",".join(filter(None, (os.environ.get("ZIMAGE_SPEED", ""), "-precompile")))
 
 from zimage.engine import Engine  # noqa: E402
 from zimage.settings import Settings  # noqa: E402

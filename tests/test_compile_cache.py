@@ -156,3 +156,47 @@ def test_engine_uses_the_cache_only_when_compiling(tiny_settings, tmp_path):
     engine.mark_ready()
     assert not (tmp_path / "compiled").exists()
     assert engine.describe()["speed_switches"] == []
+
+
+RESTART_SCRIPT = r"""
+import json, sys
+from pathlib import Path
+import numpy as np
+from torch._dynamo.utils import counters
+from zimage.engine import Engine
+from zimage.request import GenerationRequest
+from zimage.settings import Settings
+from tests.helpers import generate
+
+engine = Engine(Settings(model="tiny-random", device="cpu", compile="on", cache_dir=Path(sys.argv[1]), warmup="off"))
+engine.load()
+engine.warm_up([("Draft", "1:1", 2)])
+image = generate(engine, GenerationRequest("a red circle", width=256, height=256, steps=2, seed=3)).images[0]
+print(json.dumps({"graphs": counters["stats"]["unique_graphs"], "hits": counters["dynamo_cache"]["dynamo_cache_hit"],
+                  "notes": engine._compile_cache.notes, "pixels": np.asarray(image).sum().item(),
+                  "packages": sorted(p.name for p in Path(sys.argv[1]).glob("compiled/*/dynamo/*"))}))
+"""
+
+
+def test_precompile_restart_traces_nothing_again(cache_dir, tmp_path):
+    """With the precompile switch (on by default; off for the rest of the test suite), a restarted process loads
+    the traced graphs from its key's folder: fewer Dynamo traces than the first start, the same pixels."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    folder = tmp_path / "cache"
+    shutil.copytree(cache_dir, folder, ignore=shutil.ignore_patterns("compiled", "inductor"))
+    env = {**os.environ, "ZIMAGE_SPEED": "+precompile", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    runs = []
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", RESTART_SCRIPT, str(folder)], env=env, capture_output=True,
+                             text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    first, again = runs
+    assert "precompile" in first["notes"] and first["graphs"] > 0 and first["packages"], first
+    assert again["hits"] > 0 and again["graphs"] < first["graphs"], (first, again)
+    assert again["pixels"] == first["pixels"]

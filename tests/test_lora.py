@@ -451,3 +451,23 @@ def test_lora_memory_is_counted_and_the_cache_gets_what_is_left(lora_dir, tiny_s
     monkeypatch.setattr(lora.LoraRuntime, "resident_bytes", lambda self: 6 * 2**30)
     with pytest.raises(RuntimeError, match="--lora-mode merge needs 6.0 GiB"):
         big.load()
+
+
+@pytest.mark.parametrize("usable, fp8, expected", [(79.2, True, "merge"), (79.2, False, "merge"),
+                                                   (23.6, True, "branch"), (31.4, False, "branch"),
+                                                   (None, False, "branch")])
+def test_auto_mode_merges_only_where_the_weight_copy_fits_beside_the_full_profile(
+        lora_dir, tiny_settings, monkeypatch, usable, fp8, expected):
+    """--lora-mode auto (the default): merge (no per-step cost) on a GPU with room for the copy of the weights beside
+    every tier of the full profile (an H100; fp8 needs 23.9 GiB, bf16 35.4 GiB); branch on smaller cards and the CPU."""
+    from zimage import memory
+
+    monkeypatch.setattr(memory, "usable_gib", lambda device: usable)
+    monkeypatch.setattr("zimage.speed.fp8_wanted", lambda *a: fp8)
+    monkeypatch.setattr(memory.Placement, "place", lambda self: None)  # a CPU model: nothing to quantize or move
+    engine = Engine(tiny_settings.replace(model="tiny", lora_dir=lora_dir))
+    assert engine.settings.lora_mode == "auto"
+    engine.load()
+    assert engine.loras.mode == engine.describe()["lora"]["mode"] == expected
+    assert engine.lora_reserve_gib == (0.0 if usable is None else pytest.approx(engine.loras.resident_bytes() / 2**30))
+    engine.close()

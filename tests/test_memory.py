@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from zimage import memory, presets
 from zimage.request import GenerationRequest, RequestError
@@ -87,3 +88,26 @@ def test_12gb_profile_tiles_the_decode_from_high_up(make_engine):
     engine = make_engine(memory_profile="12gb", fp8="off")
     assert engine.resolve(GenerationRequest("a", preset="High")).vae_tiling
     assert not engine.resolve(GenerationRequest("a", preset="Standard")).vae_tiling
+
+
+def test_12gb_with_fp8_streams_the_text_encoder_in_fp8():
+    """12gb + fp8: the text encoder is quantized a layer at a time and kept in host memory, then streamed (half the
+    bytes of bf16 per request); its embeddings stay close to the unquantized encoder's."""
+    from zimage import fp8, tiny
+
+    pipe = tiny.build_pipeline()
+    with torch.no_grad():
+        reference = pipe.encode_prompt("a red circle", device="cpu", do_classifier_free_guidance=False,
+                                       max_sequence_length=64)[0][0]
+    spec = memory.profile_spec("12gb", fp8=True)
+    assert spec.text_encoder_streamed and spec.text_encoder_fp8 and not spec.transformer_streamed
+    placement = memory.Placement(pipe, "cpu", spec, fp8=False)  # fp8 for the transformer is the GPU's business
+    placement.place()
+    linears = [m for m in pipe.text_encoder.modules() if isinstance(m, (torch.nn.Linear, fp8.Fp8Linear))]
+    assert linears and all(isinstance(m, fp8.Fp8Linear) and m.weight.device.type == "cpu" for m in linears)
+    assert not placement.shed_text_encoder()  # nothing resident to shed
+    with torch.no_grad():
+        out = pipe.encode_prompt("a red circle", device="cpu", do_classifier_free_guidance=False,
+                                 max_sequence_length=64)[0][0]
+    rel = float((out - reference).norm() / reference.norm())
+    assert 0 < rel < 0.1, rel

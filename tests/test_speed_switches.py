@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from zimage import cudagraph, fastattn, speed, tiny
+from zimage import cudagraph, fastattn, memory, speed, tiny
 
 
 def test_switches_parse_and_env(monkeypatch):
@@ -113,3 +113,44 @@ def test_compile_transformer_is_shape_generic_unless_told():
     speed.compile_transformer(Fake())
     speed.compile_transformer(Fake(), dynamic=False)
     assert calls == [True, False]
+
+
+def test_text_encoder_without_mask_gives_the_prompt_rows_of_the_masked_call():
+    """The premise of the encoder's CUDA graphs (which drop the attention mask): the encoder is causal and padding
+    comes after the prompt, so the prompt's rows are the same with or without the mask."""
+    pipe = tiny.build_pipeline()
+    inputs = pipe.tokenizer(["a red circle on the left"], padding="max_length", max_length=32, return_tensors="pt")
+    mask = inputs.attention_mask.bool()
+    assert 0 < int(mask.sum()) < 32 and not mask[0, -1]  # right-padded
+    with torch.no_grad():
+        masked = pipe.text_encoder(input_ids=inputs.input_ids, attention_mask=mask, output_hidden_states=True)
+        bare = pipe.text_encoder(input_ids=inputs.input_ids, output_hidden_states=True)
+    rows = mask[0]
+    assert torch.allclose(masked.hidden_states[-2][0][rows], bare.hidden_states[-2][0][rows], atol=1e-5)
+    assert not torch.allclose(masked.hidden_states[-2][0][~rows], bare.hidden_states[-2][0][~rows], atol=1e-3)
+
+
+def test_graphed_text_encoder_runs_the_original_forward_off_cuda_and_is_dropped_on_moves():
+    pipe = tiny.build_pipeline()
+    encoder = pipe.text_encoder
+    with torch.no_grad():
+        reference, _ = pipe.encode_prompt("a red circle", device="cpu", do_classifier_free_guidance=False,
+                                          max_sequence_length=64)
+    graphed = cudagraph.install_text_encoder(encoder)
+    assert cudagraph.install_text_encoder(encoder) is graphed is cudagraph.text_encoder_graphs(encoder)
+    assert "forward" not in dict(encoder.named_modules()) and list(encoder.state_dict())  # weights untouched
+    with torch.no_grad():
+        out, _ = pipe.encode_prompt("a red circle", device="cpu", do_classifier_free_guidance=False,
+                                    max_sequence_length=64)
+    assert torch.equal(out[0], reference[0]) and graphed.captures == graphed.replays == 0  # CPU: original forward
+    assert cudagraph._right_padded(None) and cudagraph._right_padded(torch.tensor([[1, 1, 0, 0]]))
+    assert not cudagraph._right_padded(torch.tensor([[0, 1, 1, 1]]))  # left padding: the mask matters
+    assert not cudagraph._right_padded(torch.ones(2, 4))  # a batch: not graphed
+    graphed.graphs["x"] = object()
+    placement = memory.Placement(pipe, "cuda", memory.profile_spec("full", False), fp8=False)
+    monkey_moves = []
+    encoder.to = lambda device: monkey_moves.append(device)  # no GPU here: record the move instead
+    assert placement.shed_text_encoder() and monkey_moves == ["cpu"] and not graphed.graphs
+    graphed.graphs["x"] = object()
+    placement.before_encode()
+    assert monkey_moves == ["cpu", "cuda"] and not graphed.graphs

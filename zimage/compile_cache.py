@@ -117,11 +117,14 @@ def _discard(path: Path, reason: str, state: CacheState) -> None:
             pass
 
 
-def prepare(cache_dir: Path, fields: dict, load=None) -> CacheState:
+def prepare(cache_dir: Path, fields: dict, load=None, precompile: bool = False) -> CacheState:
     """Before compiling: find this key's folder and load every valid blob in it. `load` is
-    torch.compiler.load_cache_artifacts unless a test passes another."""
+    torch.compiler.load_cache_artifacts unless a test passes another. `precompile`: Dynamo's precompile cache
+    on, in this key's folder (see use_precompile)."""
     key = derive_key(fields)
     state = CacheState(key=key, fields=fields, folder=folder_for(cache_dir, key))
+    if precompile:
+        use_precompile(state)
     load = load or torch.compiler.load_cache_artifacts
     t0 = time.perf_counter()
     try:
@@ -161,6 +164,27 @@ def prepare(cache_dir: Path, fields: dict, load=None) -> CacheState:
     else:
         log.info("compile cache: nothing stored for key %s yet; compiling", key)
     return state
+
+
+def use_precompile(state: CacheState) -> bool:
+    """Turn on Dynamo's precompile cache (`torch._dynamo.config.caching_precompile`) with its packages in
+    `<key folder>/dynamo`: a restart then loads the traced graphs and guards of every compiled region instead
+    of tracing the Python code again, and another key (settings, versions, GPU) never sees them. torch saves the
+    packages inside save_cache_artifacts (store(), after warm-up) and loads one when a compiled function first
+    runs; a package it cannot load is logged by torch and that function is traced as usual. Process-wide state:
+    the last engine to prepare decides the folder."""
+    try:
+        import torch._dynamo.package as package
+
+        folder = str(state.folder / "dynamo")
+        package.DynamoCache.path_prefix = lambda: folder  # torch's default: <inductor cache>/dynamo, shared by all keys
+        torch._dynamo.config.caching_precompile = True
+    except Exception as exc:  # noqa: BLE001 - a torch without it traces as before
+        log.warning("compile cache: Dynamo's precompile cache is unavailable (%r)", exc)
+        state.notes.append(f"precompile unavailable: {exc!r}"[:200])
+        return False
+    state.notes.append("precompile")
+    return True
 
 
 def _blob_index(path: Path) -> int:

@@ -19,6 +19,10 @@ into the static buffers, replay, and return a copy of the output. Anything the g
 to the plain loop: an attention mask (batched prompts of different lengths), grad mode, CPU, or a capture
 that failed (logged once; graphs then stay off). Not for ControlNet pipelines: diffusers adds their block
 samples between blocks by index, which a single runner does not see (the engine runs none).
+
+`GraphedTextEncoder` does the same for the text encoder (Qwen3, 36 compiled layers): one graph per bucket
+length (stages.ENCODE_BUCKET), because the compiled encoder is host-bound on the H100 (31 ms where its
+kernels need ~5 ms, 2026-11-24).
 """
 
 from __future__ import annotations
@@ -63,12 +67,7 @@ class GraphedBlocks(torch.nn.ModuleList):
         return super().__iter__()
 
     def _use_graphs(self) -> bool:
-        from torch.utils._python_dispatch import _get_current_dispatch_mode
-
-        return (self.enabled and not self._runner_active and not torch.is_grad_enabled()
-                and torch.cuda.is_available() and not torch.compiler.is_compiling()
-                and not torch.cuda.is_current_stream_capturing()
-                and _get_current_dispatch_mode() is None)  # e.g. a FlopCounterMode must see the real ops
+        return self.enabled and not self._runner_active and _graphs_allowed()
 
     def _loop(self, x, mask, freqs, adaln, noise_mask=None, t_noisy=None, t_clean=None):
         for block in super().__iter__():
@@ -97,16 +96,9 @@ class GraphedBlocks(torch.nn.ModuleList):
         self._runner_active = True
         try:
             inputs = (x.clone(), freqs.clone(), adaln.clone())
-            side = torch.cuda.Stream(device=x.device)
-            side.wait_stream(torch.cuda.current_stream(x.device))
-            with torch.cuda.stream(side):  # warm-up: compiles/loads this shape's kernels outside capture
-                self._loop(*inputs[:1], None, *inputs[1:])
-            torch.cuda.current_stream(x.device).wait_stream(side)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                output = self._loop(inputs[0], None, inputs[1], inputs[2])
+            graph, output = capture(lambda: self._loop(inputs[0], None, inputs[1], inputs[2]), x.device, self._pool)
         except Exception as exc:  # noqa: BLE001 - graphs are an optimisation; the plain loop always works
             self.enabled = False
             log.warning("CUDA graph capture of the transformer blocks failed (%s); running them without graphs",
@@ -126,6 +118,131 @@ class GraphedBlocks(torch.nn.ModuleList):
         """Drop every graph (their pool memory is freed once no graph refers to it)."""
         self.graphs.clear()
         self._pool = None
+
+
+def capture(fn, device, pool):
+    """Run `fn` once on a side stream (compiles/loads its kernels: capture allows no compilation), then capture
+    it into a CUDA graph in `pool`. Returns (graph, fn's output: the graph's static output)."""
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        output = fn()
+    return graph, output
+
+
+def _graphs_allowed() -> bool:
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return (not torch.is_grad_enabled() and torch.cuda.is_available() and not torch.compiler.is_compiling()
+            and not torch.cuda.is_current_stream_capturing()
+            and _get_current_dispatch_mode() is None)  # e.g. a FlopCounterMode must see the real ops
+
+
+class GraphedTextEncoder:
+    """The text encoder's forward, replayed as one CUDA graph per prompt length (installed as the module's
+    `forward`, so the pipeline's `text_encoder(input_ids=..., attention_mask=..., output_hidden_states=True)`
+    call is unchanged).
+
+    What the graph computes: the hidden states at `keep` (diffusers' ZImagePipeline reads the penultimate
+    layer's, `hidden_states[-2]`); the output's other hidden states and `last_hidden_state` are None, so a caller
+    wanting them fails loudly instead of reading another request's data. The attention mask is dropped: the
+    encoder is causal and the tokenizer pads after the prompt, so the prompt's rows cannot see the padding and
+    come out the same without a mask (the padding rows differ; the pipeline discards them). A mask that is not
+    right-padding (ones, then zeros), a batch of several prompts, any other argument, grad mode or a CPU input
+    runs the original forward."""
+
+    def __init__(self, text_encoder: torch.nn.Module, keep: tuple[int, ...] = (-2,), max_graphs: int = 16):
+        self.module = text_encoder
+        self.original = text_encoder.forward
+        self.keep, self.max_graphs = keep, max_graphs
+        self.graphs: collections.OrderedDict = collections.OrderedDict()
+        self.enabled = True
+        self.captures = self.replays = 0
+        self._pool = None
+
+    def __call__(self, input_ids=None, attention_mask=None, output_hidden_states=None, **kwargs):
+        if (not self.enabled or kwargs or not output_hidden_states or input_ids is None or input_ids.shape[0] != 1
+                or not input_ids.is_cuda or not _graphs_allowed() or not _right_padded(attention_mask)):
+            return self.original(input_ids=input_ids, attention_mask=attention_mask,
+                                 output_hidden_states=output_hidden_states, **kwargs)
+        key = (tuple(input_ids.shape), input_ids.dtype, input_ids.device)
+        entry = self.graphs.get(key) or self._capture(key, input_ids)
+        if entry is None:
+            return self.original(input_ids=input_ids, attention_mask=attention_mask,
+                                 output_hidden_states=output_hidden_states, **kwargs)
+        self.graphs.move_to_end(key)
+        entry.inputs[0].copy_(input_ids)
+        entry.graph.replay()
+        self.replays += 1
+        return _hidden_states_output(entry.output, self.keep, self.module)
+
+    def _capture(self, key, input_ids):
+        static_ids = input_ids.clone()
+
+        def run():
+            hidden = self.original(input_ids=static_ids, output_hidden_states=True).hidden_states
+            return [hidden[i] for i in self.keep]
+
+        try:
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph, output = capture(run, input_ids.device, self._pool)
+        except Exception as exc:  # noqa: BLE001 - graphs are an optimisation; the plain forward always works
+            self.enabled = False
+            log.warning("CUDA graph capture of the text encoder failed (%s); running it without graphs",
+                        str(exc).splitlines()[0][:300] if str(exc) else repr(exc))
+            return None
+        entry = _Graph(graph, (static_ids,), output)
+        self.graphs[key] = entry
+        self.captures += 1
+        while len(self.graphs) > self.max_graphs:
+            self.graphs.popitem(last=False)
+        log.info("captured a CUDA graph of the text encoder for %d tokens", key[0][1])
+        return entry
+
+    def clear(self) -> None:
+        """Drop every graph: the encoder's weights are moving (a captured graph reads them at fixed addresses)."""
+        self.graphs.clear()
+        self._pool = None
+
+
+def _right_padded(mask) -> bool:
+    """True for no mask, or a (1, L) mask of ones then zeros. One small device->host read."""
+    if mask is None:
+        return True
+    if mask.dim() != 2 or mask.shape[0] != 1:
+        return False
+    m = mask[0].to(torch.int8)
+    return not bool((m[1:] > m[:-1]).any())
+
+
+def _hidden_states_output(kept, keep, module):
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    n = module.config.num_hidden_layers + 1  # embeddings + every layer, as transformers returns them
+    hidden = [None] * n
+    for index, tensor in zip(keep, kept):
+        hidden[index] = tensor.clone()  # the static output is overwritten by the next replay
+    return BaseModelOutputWithPast(last_hidden_state=None, hidden_states=tuple(hidden))
+
+
+def install_text_encoder(text_encoder) -> GraphedTextEncoder:
+    """Route `text_encoder`'s forward through a GraphedTextEncoder (idempotent)."""
+    current = text_encoder.__dict__.get("forward")
+    if isinstance(current, GraphedTextEncoder):
+        return current
+    graphed = GraphedTextEncoder(text_encoder)
+    text_encoder.forward = graphed
+    return graphed
+
+
+def text_encoder_graphs(text_encoder) -> GraphedTextEncoder | None:
+    current = text_encoder.__dict__.get("forward") if text_encoder is not None else None
+    return current if isinstance(current, GraphedTextEncoder) else None
 
 
 def install(transformer) -> GraphedBlocks:

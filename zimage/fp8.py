@@ -72,10 +72,12 @@ class Fp8Linear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, e4m3"
 
 
-def quantize_module(module: torch.nn.Module, excluded: tuple[str, ...] = (), device: str | None = None) -> int:
+def quantize_module(module: torch.nn.Module, excluded: tuple[str, ...] = (), device: str | None = None,
+                    home: str | None = None) -> int:
     """Replace every quantizable Linear in `module` (names containing an `excluded` part stay) by an Fp8Linear;
     returns how many. With `device`, each Linear moves there just before it is quantized and the rest follows
-    at the end, so peak memory is the fp8 model plus one bf16 layer."""
+    at the end, so peak memory is the fp8 model plus one bf16 layer. With `home` too, each quantized layer and
+    then the rest go there instead (quantize on the GPU, keep in host memory: a model streamed to the GPU)."""
     count = 0
     # Names, not modules: a list holding every original Linear would keep all their bf16 weights alive (on the
     # device, once moved) until the end, i.e. the whole bf16 model beside the fp8 one.
@@ -87,11 +89,12 @@ def quantize_module(module: torch.nn.Module, excluded: tuple[str, ...] = (), dev
         linear = getattr(parent, child)
         if device is not None:
             linear.to(device)
-        setattr(parent, child, Fp8Linear.from_linear(linear))
-        del linear
+        quantized = Fp8Linear.from_linear(linear)
+        setattr(parent, child, quantized if home is None else quantized.to(home))
+        del linear, quantized
         count += 1
-    if device is not None:
-        module.to(device)
+    if home is not None or device is not None:
+        module.to(home or device)
     return count
 
 

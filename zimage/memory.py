@@ -60,8 +60,8 @@ def profile_spec(name: str, fp8: bool) -> Profile:
         return Profile(name, False, False, False, always_tiled)
     if name == "16gb":
         return Profile(name, False, not fp8, fp8, always_tiled)
-    if name == "12gb":
-        return Profile(name, not fp8, True, False, ("High", *always_tiled))
+    if name == "12gb":  # fp8: the text encoder is streamed in fp8 (half the bytes over PCIe per request)
+        return Profile(name, not fp8, True, fp8, ("High", *always_tiled))
     raise ValueError(f"unknown memory profile {name!r}")
 
 
@@ -189,6 +189,8 @@ class Placement:
         else:
             pipe.transformer.to(self.device)
         if p.text_encoder_streamed:
+            if p.text_encoder_fp8:  # quantized on the GPU a layer at a time, kept in host memory
+                speed.quantize_fp8(pipe.text_encoder, excluded=(), device=self.device, home="cpu")
             stream_from_cpu(pipe.text_encoder, self.device)
         elif p.text_encoder_fp8:
             speed.quantize_fp8(pipe.text_encoder, excluded=(), device=self.device)
@@ -211,6 +213,7 @@ class Placement:
     def before_encode(self) -> None:
         """Bring the text encoder back if an earlier OOM moved it off the GPU."""
         if self.text_encoder_shed:
+            self._drop_encoder_graphs()
             self.pipe.text_encoder.to(self.device)
             self.text_encoder_shed = False
 
@@ -221,10 +224,19 @@ class Placement:
         p = self.profile
         if not self.on_gpu or self.text_encoder_shed or p.text_encoder_streamed or p.text_encoder_fp8:
             return False
+        self._drop_encoder_graphs()
         self.pipe.text_encoder.to("cpu")
         self.text_encoder_shed = True
         log.info("text encoder moved to CPU to make room")
         return True
+
+    def _drop_encoder_graphs(self) -> None:
+        """CUDA graphs read the encoder's weights at fixed addresses: a move invalidates them."""
+        from . import cudagraph
+
+        graphs = cudagraph.text_encoder_graphs(self.pipe.text_encoder)
+        if graphs is not None:
+            graphs.clear()
 
 
 def stream_from_cpu(module: torch.nn.Module, device: str) -> None:

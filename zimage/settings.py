@@ -201,8 +201,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_loras", _int_range(0, 8), "LoRAs one request may use (0 turns LoRAs off)"),
     Option("lora_rank", _int_range(0, 1024),
            "total rank of the LoRAs one request applies together, preallocated on every layer (0 turns LoRAs off)"),
-    Option("lora_mode", _choice(("branch", "merge")),
-           "how LoRAs are applied: branch (a LoRA matmul beside every layer: any memory profile, fp8 included) or "
+    Option("lora_mode", _choice(("auto", "branch", "merge")),
+           "how LoRAs are applied: auto (merge where the GPU has room for it beside the full memory profile, else "
+           "branch), branch (a LoRA matmul beside every layer: any memory profile, fp8 included) or "
            "merge (added into the weights per request: no per-step cost; needs the transformer resident and room for a "
            "second copy of its weights on the GPU; fp8 weights are quantized again at each switch)"),
     Option("lora_cache_mib", _int_range(0, 1 << 20),
@@ -246,7 +247,7 @@ class Settings:
     lora_dir: Path = Path("loras")
     max_loras: int = 4
     lora_rank: int = 64
-    lora_mode: str = "branch"
+    lora_mode: str = "auto"
     lora_cache_mib: int = 1024
     replicas: int = 0
     ray_address: str = ""

@@ -28,6 +28,12 @@ class Switches:
     vae_compile channels-last VAE + torch.compile(vae.decoder) when compiling (CUDA); tiled decode stays eager
     block_graphs the 30 main transformer blocks replayed as one CUDA graph per shape (cudagraph.py); CUDA,
                 `full` memory profile, compiled transformer
+    encoder_graphs the text encoder replayed as one CUDA graph per prompt bucket (cudagraph.GraphedTextEncoder);
+                CUDA, compiled encoder resident on the GPU (full, and 16gb with fp8)
+    precompile  Dynamo's precompile cache (torch's experimental `caching_precompile`) in --cache-dir, per
+                compile-cache key (compile_cache.py): a restart loads the traced graphs and their guards instead
+                of re-tracing the Python code (the 36.5 s left of an fp8 restart, H100 2026-11-24). Process-wide
+                torch state, so the CPU test suite turns it off (tests/conftest.py) and tests it in subprocesses.
     Defaults (measured, H100 2026-11-24, bf16): real_rope on (-3.2 ms/step), vae_compile on (decode 108 -> 45 ms),
     block_graphs off (bf16 0.916 vs 0.914 s with the graphs off in the same engine: kernel-bound; fp8, where
     it was meant to pay, could not be measured this session). Defaults come from DEFAULT_SWITCHES; ZIMAGE_SPEED="-real_rope,+block_graphs" (comma-separated, + or -
@@ -36,6 +42,8 @@ class Switches:
     real_rope: bool = True
     vae_compile: bool = True
     block_graphs: bool = False
+    encoder_graphs: bool = True  # predicted: text encode 31 -> <= 10 ms (host-bound; its kernels need ~5 ms)
+    precompile: bool = True  # predicted: fp8 restart 66.8 -> <= 40 s (CPU tiny: first warm-up shape 6.2 -> 0.9 s)
 
     @classmethod
     def parse(cls, spec: str, base: "Switches | None" = None) -> "Switches":
@@ -139,14 +147,15 @@ def fp8_wanted(setting: str, device: str, dtype: torch.dtype) -> bool:
     return supported
 
 
-def quantize_fp8(module: torch.nn.Module, excluded: tuple[str, ...] = FP8_EXCLUDED, device: str | None = None) -> int:
+def quantize_fp8(module: torch.nn.Module, excluded: tuple[str, ...] = FP8_EXCLUDED, device: str | None = None,
+                 home: str | None = None) -> int:
     """fp8 rowwise (dynamic activation + weight) on every Linear except `excluded`; returns how many (fp8.py).
 
     With `device`, each Linear moves there just before it is quantized and the rest follows at the end, so
     peak memory is the fp8 model plus one bf16 layer (a 12 GiB card never holds the 11.5 GiB bf16 copy)."""
     from . import fp8
 
-    return fp8.quantize_module(module, excluded, device)
+    return fp8.quantize_module(module, excluded, device, home)
 
 
 def use_compile_cache(folder) -> None:
@@ -190,10 +199,31 @@ def compile_text_encoder(text_encoder, mode: str | None = None) -> None:
     walked 36 guard sets. The pipeline reads hidden states once; it never needs a cache."""
     if hasattr(text_encoder, "config"):
         text_encoder.config.use_cache = False
+    # transformers collects hidden states through forward hooks that read a ContextVar, which Dynamo cannot trace:
+    # compiling the layers with their hooks broke each layer into three graphs, every one compiled twice (static,
+    # then dynamic) -- 6 traces on every restart. So: install the hooks now, drop the ones on the layers' insides
+    # (they record attention maps, which the pipeline never asks for) and compile each layer's `forward` only,
+    # leaving the layer's own hidden-state hook outside the compiled code.
+    _prepare_output_hooks(text_encoder)
     # dynamic: one trace serves every bucket length; a restart (warm Inductor cache) re-traces once, not once
     # per length seen in warm-up.
     for layer in text_encoder.layers:
-        layer.compile(mode=mode, dynamic=True)
+        layer.forward = torch.compile(layer.forward, mode=mode, dynamic=True)
+
+
+def _prepare_output_hooks(text_encoder) -> None:
+    try:
+        from transformers.utils.output_capturing import maybe_install_capturing_hooks
+    except ImportError:  # older transformers: hidden states come back without hooks
+        return
+    maybe_install_capturing_hooks(text_encoder)
+    for layer in text_encoder.layers:
+        for module in layer.modules():
+            if module is layer:
+                continue
+            for key, hook in list(module._forward_hooks.items()):
+                if getattr(hook, "__name__", "") == "output_capturing_hook":
+                    del module._forward_hooks[key]
 
 
 def compile_vae_decoder(vae) -> None:
@@ -218,9 +248,11 @@ def compile_vae_decoder(vae) -> None:
     vae._zimage_tiled_eager = True
 
 
-def apply_switches(pipe, device: str, compiled: bool, profile: str, sw: Switches | None = None) -> list[str]:
-    """The switches that act after compile was set up (VAE compile, block graphs). Returns what was applied,
-    for the log and describe(). Real RoPE is applied with the attention backend (apply_attention_backend)."""
+def apply_switches(pipe, device: str, compiled: bool, profile: str, sw: Switches | None = None,
+                   encoder_compiled: bool = False) -> list[str]:
+    """The switches that act after compile was set up (VAE compile, block and encoder graphs). Returns what was
+    applied, for the log and describe(). Real RoPE is applied with the attention backend (apply_attention_backend).
+    `encoder_compiled`: the text encoder's layers are compiled and it stays on the GPU (not streamed)."""
     sw = sw or switches()
     applied = []
     on_gpu = device.startswith("cuda")
@@ -233,4 +265,9 @@ def apply_switches(pipe, device: str, compiled: bool, profile: str, sw: Switches
 
         cudagraph.install(pipe.transformer)
         applied.append("block_graphs")
+    if sw.encoder_graphs and encoder_compiled and on_gpu:
+        from . import cudagraph
+
+        cudagraph.install_text_encoder(pipe.text_encoder)
+        applied.append("encoder_graphs")
     return applied

@@ -25,6 +25,20 @@ Shape = tuple[str, str, "int | None"]  # (tier, aspect, steps or None for the ti
 
 
 WARM_STEPS = 2  # compiling needs one pass through each stage per shape, not the tier's 6-8 steps
+# torch.compile's time by phase, from Dynamo's own counters (label, counter): where a restart's warm-up goes.
+COMPILE_PHASES = (("total", "_compile.compile_inner"), ("dynamo tracing", "bytecode_tracing"),
+                  ("guards", "build_guards"), ("backend", "OutputGraph.call_user_compiler"),
+                  ("inductor codegen", "fx_codegen_and_compile"), ("cache hits", "AOTAutogradCache.inductor_load"),
+                  ("module load", "PyCodeCache.load_by_key_path"), ("kernel compile wait", "async_compile.wait"))
+
+
+def compile_seconds() -> dict[str, float]:
+    """Seconds torch.compile has spent in this process so far, by phase (empty if it never ran)."""
+    import torch._dynamo.utils
+
+    names, values = torch._dynamo.utils.compile_times(repr="csv", aggregate=True)
+    spent = dict(zip(names, (float(v) for v in values)))
+    return {label: round(spent[key], 2) for label, key in COMPILE_PHASES if key in spent}
 
 
 def shapes_to_warm(compiled: bool) -> list[Shape]:
