@@ -38,6 +38,7 @@ import torch
 log = logging.getLogger("zimage.compile_cache")
 
 FORMAT = 1  # bump when the folder layout or what is stored changes
+PRECOMPILE_TORCH = "2.13"  # the first torch whose Dynamo precompile packages restarted the engine (use_precompile)
 KEY_LENGTH = 20  # hex digits of sha256 used as the folder name
 
 
@@ -172,7 +173,14 @@ def use_precompile(state: CacheState) -> bool:
     of tracing the Python code again, and another key (settings, versions, GPU) never sees them. torch saves the
     packages inside save_cache_artifacts (store(), after warm-up) and loads one when a compiled function first
     runs; a package it cannot load is logged by torch and that function is traced as usual. Process-wide state:
-    the last engine to prepare decides the folder."""
+    the last engine to prepare decides the folder. Needs torch >= PRECOMPILE_TORCH: torch 2.11 saved packages it
+    then could not load (`DefaultsSource.__init__() takes from 3 to 4 positional arguments`, a TypeError that
+    failed the restart; H100, 2026-11-24); 2.13 restarts from them (tests/test_compile_cache.py)."""
+    from torch.torch_version import TorchVersion
+
+    if TorchVersion(torch.__version__) < PRECOMPILE_TORCH:
+        state.notes.append(f"precompile off: torch {torch.__version__} < {PRECOMPILE_TORCH}")
+        return False
     try:
         import torch._dynamo.package as package
 

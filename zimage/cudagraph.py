@@ -102,7 +102,7 @@ class GraphedBlocks(torch.nn.ModuleList):
         except Exception as exc:  # noqa: BLE001 - graphs are an optimisation; the plain loop always works
             self.enabled = False
             log.warning("CUDA graph capture of the transformer blocks failed (%s); running them without graphs",
-                        str(exc).splitlines()[0][:300] if str(exc) else repr(exc))
+                        _describe(exc))
             return None
         finally:
             self._runner_active = False
@@ -121,17 +121,29 @@ class GraphedBlocks(torch.nn.ModuleList):
 
 
 def capture(fn, device, pool):
-    """Run `fn` once on a side stream (compiles/loads its kernels: capture allows no compilation), then capture
-    it into a CUDA graph in `pool`. Returns (graph, fn's output: the graph's static output)."""
+    """Run `fn` on a side stream first (compiles/loads its kernels and lets lazily created state settle: capture
+    allows neither), then capture it into a CUDA graph in `pool`. Returns (graph, fn's output: the graph's static
+    output)."""
     side = torch.cuda.Stream(device=device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
-        fn()
+        for _ in range(2):  # the first pass may compile; the second runs what capture will record
+            fn()
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
         output = fn()
     return graph, output
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception and what caused it: a failed capture ends with "operation failed due to a previous error during
+    capture" from the capture's end, which hides the error that broke it (its __context__)."""
+    parts = []
+    while exc is not None and len(parts) < 3:
+        parts.append(str(exc).splitlines()[0][:300] if str(exc) else repr(exc))
+        exc = exc.__cause__ or exc.__context__
+    return " <- ".join(parts)
 
 
 def _graphs_allowed() -> bool:
@@ -194,7 +206,7 @@ class GraphedTextEncoder:
         except Exception as exc:  # noqa: BLE001 - graphs are an optimisation; the plain forward always works
             self.enabled = False
             log.warning("CUDA graph capture of the text encoder failed (%s); running it without graphs",
-                        str(exc).splitlines()[0][:300] if str(exc) else repr(exc))
+                        _describe(exc))
             return None
         entry = _Graph(graph, (static_ids,), output)
         self.graphs[key] = entry

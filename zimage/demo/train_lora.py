@@ -65,8 +65,9 @@ class TrainableLora(torch.nn.Module):
     def __init__(self, base: torch.nn.Linear, rank: int, alpha: float):
         super().__init__()
         self.base, self.scale = base, alpha / rank
-        self.down = torch.nn.Parameter(torch.empty(rank, base.in_features))
-        self.up = torch.nn.Parameter(torch.zeros(base.out_features, rank))
+        device = base.weight.device  # beside the frozen layer (the device, for --device cuda)
+        self.down = torch.nn.Parameter(torch.empty(rank, base.in_features, device=device))
+        self.up = torch.nn.Parameter(torch.zeros(base.out_features, rank, device=device))
         torch.nn.init.kaiming_uniform_(self.down, a=5 ** 0.5)
 
     def forward(self, x):
