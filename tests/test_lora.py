@@ -385,6 +385,9 @@ def test_merge_mode_adds_loras_into_the_weights_and_takes_them_out_exactly(demo_
         assert not np.array_equal(image, plain)
     for spec in (None, "negative", "speckle:0.5, wide:0.3", None):
         assert np.array_equal(run(engine, spec), plain if spec is None else merged[spec]), spec
+        # W0 is kept only for the layers that hold a LoRA: without LoRAs merge mode holds no copy at all
+        held = engine.describe()["lora"]["weight_copy_held_mib"]
+        assert (held == 0 and not engine.loras.masters) if spec is None else (held > 0 and engine.loras.masters)
     assert all(torch.equal(w.base.weight, originals[name]) for name, w in engine.loras.wrappers.items())
     assert not any(w.active for w in engine.loras.wrappers.values())
 

@@ -175,10 +175,18 @@ class GraphedTextEncoder:
         self.enabled = True
         self.captures = self.replays = 0
         self._pool = None
+        # "No mask" as transformers' per-layer-type mask mapping, so it builds none: left to itself it skips the
+        # mask only when it may read the mask's contents, which it never does while a CUDA graph is being captured
+        # -- capture would then run the layers with a mask tensor the warm-up passes never saw (a recompile inside
+        # the capture: "operation not permitted when stream is capturing", H100 2026-11-24). Causal attention
+        # without a mask is SDPA's is_causal path. Encoders with sliding-window layers are not graphed (None).
+        layer_types = set(getattr(text_encoder.config, "layer_types", None) or ["full_attention"])
+        self._no_mask = {"full_attention": None} if layer_types == {"full_attention"} else None
 
     def __call__(self, input_ids=None, attention_mask=None, output_hidden_states=None, **kwargs):
         if (not self.enabled or kwargs or not output_hidden_states or input_ids is None or input_ids.shape[0] != 1
-                or not input_ids.is_cuda or not _graphs_allowed() or not _right_padded(attention_mask)):
+                or not input_ids.is_cuda or not _graphs_allowed() or not _right_padded(attention_mask)
+                or self._no_mask is None):
             return self.original(input_ids=input_ids, attention_mask=attention_mask,
                                  output_hidden_states=output_hidden_states, **kwargs)
         key = (tuple(input_ids.shape), input_ids.dtype, input_ids.device)
@@ -196,7 +204,8 @@ class GraphedTextEncoder:
         static_ids = input_ids.clone()
 
         def run():
-            hidden = self.original(input_ids=static_ids, output_hidden_states=True).hidden_states
+            hidden = self.original(input_ids=static_ids, attention_mask=self._no_mask,
+                                   output_hidden_states=True).hidden_states
             return [hidden[i] for i in self.keep]
 
         try:

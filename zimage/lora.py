@@ -543,8 +543,9 @@ class LoraRuntime:
     mode "branch" (default): the LoRA branch beside every layer, as described above.
     mode "merge": a request's LoRAs are added into the layers' weights (W = W0 + sum of scale * up @ down, from a
     copy W0 kept on the device; fp8 weights are dequantized, merged and quantized again in place) and taken out
-    again by restoring W0: no per-step cost, a switch rewrites the weights the LoRAs touch, and the device holds a
-    second copy of the transformer's Linear weights. The compiled code is the no-LoRA code throughout.
+    again by restoring W0: no per-step cost, a switch rewrites the weights the LoRAs touch. The copy W0 of a layer
+    is taken when a LoRA is first merged into it and dropped when the layer gets W0 back, so without LoRAs it
+    costs nothing (the memory plan still counts the whole copy). The compiled code is the no-LoRA code throughout.
     An fp8 layer (fp8.Fp8Linear) is dequantized from its saved e4m3 rows, merged in float32 and quantized again
     into the same tensors; without LoRAs its saved rows and scales come back exactly."""
 
@@ -561,9 +562,8 @@ class LoraRuntime:
         library.attach(self.targets, self.rank)
         self.slot_bytes = (slot_bytes(self.targets.values(), rank, torch.empty((), dtype=dtype).element_size())
                            if mode == "branch" else 0)
-        self.masters = {name: _snapshot(w.base) for name, w in self.wrappers.items()} if mode == "merge" else {}
-        self.master_bytes = sum(_nbytes(m) for m in self.masters.values())
-        self._merged: set[str] = set()  # layers whose weights hold a LoRA now
+        self.masters: dict = {}  # merge: W0 of the layers that hold a LoRA now (taken at their first merge)
+        self.master_bytes = weight_bytes(transformer) if mode == "merge" else 0  # the most the copies can take
         self.cache: collections.OrderedDict[str, Adapter] = collections.OrderedDict()
         self._cache_lock = threading.Lock()  # the GPU thread changes the cache; listings read it from others
         self.stats = LoraStats()
@@ -698,11 +698,15 @@ class LoraRuntime:
             if found:
                 wanted[name] = (torch.cat([up * scale for (_, up), scale in found], dim=1),
                                 torch.cat([down for (down, _), _ in found], dim=0))
-        for name in self._merged - set(wanted):
+        # A layer holds a LoRA exactly while its W0 is kept (also after a failure half-way: the next apply
+        # restores what it no longer wants).
+        for name in set(self.masters) - set(wanted):
             self._restore(name)
-        self._merged = set()
         for name, (up, down) in wanted.items():
-            base, master = self.wrappers[name].base, self.masters[name]
+            base = self.wrappers[name].base
+            master = self.masters.get(name)
+            if master is None:  # the layer holds W0 now: keep it to merge from and to restore
+                master = self.masters[name] = _snapshot(base)
             if isinstance(master, dict):  # fp8: W0 from its saved e4m3 rows, + delta in float32, quantized again
                 from .fp8 import quantize_rows
 
@@ -712,10 +716,9 @@ class LoraRuntime:
                 base.weight_scale.copy_(scale.reshape(1, -1))
             else:
                 torch.addmm(master, up.to(master.dtype), down.to(master.dtype), out=base.weight.data)
-            self._merged.add(name)
 
     def _restore(self, name: str) -> None:
-        base, master = self.wrappers[name].base, self.masters[name]
+        base, master = self.wrappers[name].base, self.masters.pop(name)
         if isinstance(master, dict):
             base.weight.data.copy_(master["weight"])
             base.weight_scale.copy_(master["weight_scale"])
@@ -761,6 +764,7 @@ class LoraRuntime:
     def describe(self) -> dict:
         return {"mode": self.mode, "rank": self.rank, "layers": len(self.wrappers),
                 "slot_mib": round(self.slot_bytes / 2**20, 1), "weight_copy_mib": round(self.master_bytes / 2**20, 1),
+                "weight_copy_held_mib": round(sum(_nbytes(m) for m in self.masters.values()) / 2**20, 1),
                 "cache_mib": round(self.cache_bytes / 2**20, 1), "folder": str(self.library.folder),
                 "cached": sorted(self.loaded_names() - {r["name"] for r in self._records}),
                 "applied": [r["name"] for r in self._records],
