@@ -32,13 +32,18 @@ COMPILE_PHASES = (("total", "_compile.compile_inner"), ("dynamo tracing", "bytec
                   ("module load", "PyCodeCache.load_by_key_path"), ("kernel compile wait", "async_compile.wait"))
 
 
-def compile_seconds() -> dict[str, float]:
-    """Seconds torch.compile has spent in this process so far, by phase (empty if it never ran)."""
+def compile_seconds(detail_over: float | None = None) -> dict[str, float]:
+    """Seconds torch.compile has spent in this process so far, by phase (empty if it never ran). `detail_over`:
+    also every other timed step of Dynamo's that took longer than that many seconds, under its own name."""
     import torch._dynamo.utils
 
     names, values = torch._dynamo.utils.compile_times(repr="csv", aggregate=True)
     spent = dict(zip(names, (float(v) for v in values)))
-    return {label: round(spent[key], 2) for label, key in COMPILE_PHASES if key in spent}
+    out = {label: round(spent[key], 2) for label, key in COMPILE_PHASES if key in spent}
+    if detail_over is not None:
+        known = {key for _, key in COMPILE_PHASES}
+        out.update({name: round(v, 2) for name, v in spent.items() if name not in known and v > detail_over})
+    return out
 
 
 def shapes_to_warm(compiled: bool) -> list[Shape]:
