@@ -182,7 +182,7 @@ def use_precompile(state: CacheState) -> bool:
         state.notes.append(f"precompile off: torch {torch.__version__} < {PRECOMPILE_TORCH}")
         return False
     try:
-        import torch._dynamo.package as package
+        from torch._dynamo import package
 
         folder = str(state.folder / "dynamo")
         package.DynamoCache.path_prefix = lambda: folder  # torch's default: <inductor cache>/dynamo, shared by all keys
