@@ -200,3 +200,33 @@ def test_precompile_restart_traces_nothing_again(cache_dir, tmp_path):
     assert "precompile" in first["notes"] and first["graphs"] > 0 and first["packages"], first
     assert again["hits"] > 0 and again["graphs"] < first["graphs"], (first, again)
     assert again["pixels"] == first["pixels"]
+
+
+def test_a_failed_start_with_precompile_deletes_the_packages(tiny_settings, tmp_path, monkeypatch):
+    """torch 2.11 failed a restart while loading its own precompile packages (a TypeError, H100 2026-11-24). Should
+    a torch we allow do the same, the packages go with the failed start, so the supervisor's restart traces as
+    usual instead of failing again and again."""
+    import torch
+    from torch._dynamo import package
+
+    from zimage import speed
+    from zimage.engine import Engine, EngineState
+
+    monkeypatch.setattr(torch._dynamo.config, "caching_precompile", False)  # restored after the test
+    monkeypatch.setattr(package.DynamoCache, "path_prefix", package.DynamoCache.path_prefix)
+    monkeypatch.setattr(compile_cache, "PRECOMPILE_TORCH", "0.0")  # whatever torch runs the tests
+    monkeypatch.setenv("ZIMAGE_SPEED", "+precompile")
+    engine = Engine(tiny_settings.replace(compile="on", cache_dir=tmp_path))
+
+    def fails_like_torch_2_11(transformer, **kwargs):
+        saved = engine._compile_cache.folder / "dynamo" / "package"
+        saved.parent.mkdir(parents=True)
+        saved.write_bytes(b"a package this torch cannot load")
+        raise TypeError("DefaultsSource.__init__() takes from 3 to 4 positional arguments but 6 were given")
+
+    monkeypatch.setattr(speed, "compile_transformer", fails_like_torch_2_11)
+    with pytest.raises(TypeError):
+        engine.load()
+    assert engine.status().state is EngineState.FAILED
+    assert "precompile" in engine._compile_cache.notes and torch._dynamo.config.caching_precompile
+    assert not (engine._compile_cache.folder / "dynamo").exists()

@@ -195,6 +195,21 @@ def use_precompile(state: CacheState) -> bool:
     return True
 
 
+def forget_precompiled(state: CacheState) -> bool:
+    """Delete this key's Dynamo packages (after a failed start with them: the next start traces as usual).
+    True if there were any."""
+    import shutil
+
+    folder = state.folder / "dynamo"
+    if "precompile" not in state.notes or not folder.exists():
+        return False
+    shutil.rmtree(folder, ignore_errors=True)
+    log.warning("compile cache: start-up failed with Dynamo's precompile cache on; its packages in %s are deleted "
+                "so the next start traces instead", folder)
+    state.notes.append("precompiled packages deleted after a failed start")
+    return True
+
+
 def _blob_index(path: Path) -> int:
     try:
         return int(path.stem.split("-", 1)[1])

@@ -236,6 +236,7 @@ class Engine:
             phase("loras, compile set-up")
         except Exception as exc:
             self.mark_failed(str(exc))
+            self._forget_precompiled()
             raise
         self._state = EngineState.WARMING
         log.info("engine loaded (seconds: %s): %s", phases, self.describe())
@@ -283,9 +284,20 @@ class Engine:
         """Load, then warm up (or mark ready): what the service runs at start-up."""
         self.load()
         if self.settings.warmup_enabled():
-            self.warm_up()
+            try:
+                self.warm_up()
+            except Exception:
+                self._forget_precompiled()
+                raise
         else:
             self.mark_ready()
+
+    def _forget_precompiled(self) -> None:
+        """A failed start with Dynamo's precompile cache on: drop the saved packages, so the restart the
+        supervisor makes traces as usual instead of failing the same way (torch 2.11 raised a TypeError while
+        loading its own packages; compile_cache.use_precompile)."""
+        if self._compile_cache is not None:
+            compile_cache.forget_precompiled(self._compile_cache)
 
     def start_in_background(self, on_failure: Callable[[BaseException], None]) -> threading.Thread:
         return start_in_background(self.start, self.mark_failed, on_failure)
