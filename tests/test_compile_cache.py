@@ -212,8 +212,6 @@ def test_a_failed_start_with_precompile_deletes_the_packages(tiny_settings, tmp_
     from zimage import speed
     from zimage.engine import Engine, EngineState
 
-    monkeypatch.setattr(torch._dynamo.config, "caching_precompile", False)  # restored after the test
-    monkeypatch.setattr(package.DynamoCache, "path_prefix", package.DynamoCache.path_prefix)
     monkeypatch.setattr(compile_cache, "PRECOMPILE_TORCH", "0.0")  # whatever torch runs the tests
     monkeypatch.setenv("ZIMAGE_SPEED", "+precompile")
     engine = Engine(tiny_settings.replace(compile="on", cache_dir=tmp_path))
@@ -225,8 +223,14 @@ def test_a_failed_start_with_precompile_deletes_the_packages(tiny_settings, tmp_
         raise TypeError("DefaultsSource.__init__() takes from 3 to 4 positional arguments but 6 were given")
 
     monkeypatch.setattr(speed, "compile_transformer", fails_like_torch_2_11)
-    with pytest.raises(TypeError):
-        engine.load()
-    assert engine.status().state is EngineState.FAILED
-    assert "precompile" in engine._compile_cache.notes and torch._dynamo.config.caching_precompile
-    assert not (engine._compile_cache.folder / "dynamo").exists()
+    # Process-wide torch state, put back by hand: pytest's monkeypatch would delete the config entry on undo
+    # (it reads a module's __dict__, where torch's config values are not).
+    try:
+        with torch._dynamo.config.patch(caching_precompile=False), pytest.raises(TypeError):
+            engine.load()
+        assert engine.status().state is EngineState.FAILED
+        assert "precompile" in engine._compile_cache.notes
+        assert not (engine._compile_cache.folder / "dynamo").exists()
+    finally:
+        package.DynamoCache.__dict__.pop("path_prefix", None)  # back to the class's method
+    assert not torch._dynamo.config.caching_precompile
