@@ -227,7 +227,7 @@ def test_a_failed_start_with_precompile_deletes_the_packages(tiny_settings, tmp_
     # (it reads a module's __dict__, where torch's config values are not).
     try:
         with torch._dynamo.config.patch(caching_precompile=False), pytest.raises(TypeError):
-            engine.load()
+            engine.start()
         assert engine.status().state is EngineState.FAILED
         assert "precompile" in engine._compile_cache.notes
         assert not (engine._compile_cache.folder / "dynamo").exists()

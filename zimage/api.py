@@ -222,8 +222,8 @@ def install(app: FastAPI, *, engine, queue, store, metrics, settings) -> None:
                     ticket.cancel.set()  # the client went away: stop at the next step, free the GPU
             result = work.result()
         except asyncio.CancelledError:  # the handler itself was cancelled (a proxy saw the client go): stop too
-            ticket.cancel.set()
-            work.add_done_callback(lambda done: done.cancelled() or done.exception())  # its end is expected
+            ticket.cancel.set()  # the GPU thread stops at the next step (or the request leaves the line)
+            work.cancel()  # nobody waits for its answer any more
             raise
         except Exception as exc:
             outcome = outcome_of(exc)

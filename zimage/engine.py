@@ -236,7 +236,6 @@ class Engine:
             phase("loras, compile set-up")
         except Exception as exc:
             self.mark_failed(str(exc))
-            self._forget_precompiled()
             raise
         self._state = EngineState.WARMING
         log.info("engine loaded (seconds: %s): %s", phases, self.describe())
@@ -282,15 +281,15 @@ class Engine:
 
     def start(self) -> None:
         """Load, then warm up (or mark ready): what the service runs at start-up."""
-        self.load()
-        if self.settings.warmup_enabled():
-            try:
+        try:
+            self.load()
+            if self.settings.warmup_enabled():
                 self.warm_up()
-            except Exception:
-                self._forget_precompiled()
-                raise
-        else:
-            self.mark_ready()
+            else:
+                self.mark_ready()
+        except Exception:
+            self._forget_precompiled()
+            raise
 
     def _forget_precompiled(self) -> None:
         """A failed start with Dynamo's precompile cache on: drop the saved packages, so the restart the

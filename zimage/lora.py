@@ -540,7 +540,8 @@ def weight_bytes(transformer: torch.nn.Module) -> int:
 class LoraRuntime:
     """The engine's LoRA state: slots on every Linear, the device cache, what the slots hold now.
 
-    mode "branch" (default): the LoRA branch beside every layer, as described above.
+    mode "branch": the LoRA branch beside every layer, as described above (`--lora-mode auto` picks it where
+    merge mode's copy does not fit: the 16gb/12gb profiles, smaller cards, the CPU).
     mode "merge": a request's LoRAs are added into the layers' weights (W = W0 + sum of scale * up @ down, from a
     copy W0 kept on the device; fp8 weights are dequantized, merged and quantized again in place) and taken out
     again by restoring W0: no per-step cost, a switch rewrites the weights the LoRAs touch. The copy W0 of a layer

@@ -253,6 +253,8 @@ def apply_switches(pipe, device: str, compiled: bool, profile: str, sw: Switches
     """The switches that act after compile was set up (VAE compile, block and encoder graphs). Returns what was
     applied, for the log and describe(). Real RoPE is applied with the attention backend (apply_attention_backend).
     `encoder_compiled`: the text encoder's layers are compiled and it stays on the GPU (not streamed)."""
+    from . import cudagraph
+
     sw = sw or switches()
     applied = []
     on_gpu = device.startswith("cuda")
@@ -261,13 +263,9 @@ def apply_switches(pipe, device: str, compiled: bool, profile: str, sw: Switches
         compile_vae_decoder(pipe.vae)
         applied.append("vae_compile")
     if sw.block_graphs and compiled and on_gpu and profile == "full":
-        from . import cudagraph
-
         cudagraph.install(pipe.transformer)
         applied.append("block_graphs")
     if sw.encoder_graphs and encoder_compiled and on_gpu:
-        from . import cudagraph
-
         cudagraph.install_text_encoder(pipe.text_encoder)
         applied.append("encoder_graphs")
     return applied

@@ -294,9 +294,9 @@ def build(engine, queue, store, metrics, settings) -> gr.Blocks:
         except EngineError as exc:
             refuse(exc)
         except asyncio.CancelledError:  # Gradio cancelled the event (a Gradio API cancel): stop the work as well
-            ticket.cancel.set()
+            ticket.cancel.set()  # the GPU thread stops at the next step (or the request leaves the line)
             if work is not None:
-                work.add_done_callback(lambda done: done.cancelled() or done.exception())  # its end is expected
+                work.cancel()  # nobody waits for its answer any more
             raise
         finally:
             queue.leave(ticket)  # no-op once it ran; frees the place of a request resolve refused
