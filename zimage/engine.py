@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from . import compile_cache, loading, lora, memory, speed, warmup
+from . import compile_cache, fusion, loading, lora, memory, speed, warmup
 from .interface import EngineState, EngineStatus, ProgressFn, start_in_background
 from .request import (GenerationCancelled, GenerationRequest, GenerationResult, Job,
                       OutOfMemory, RequestError, check_lora_limit, resolve)
@@ -216,6 +216,8 @@ class Engine:
             phase("placement")
             self.attention_backend = speed.choose_attention_backend(self.settings.attention, self.device)
             speed.apply_attention_backend(pipe.transformer, self.attention_backend)
+            # After fp8 quantization (the fused weights are the quantized ones), before LoRA slots and compile.
+            fused = speed.fuse_projections(pipe.transformer, resident=not self.placement.profile.transformer_streamed)
             if self.settings.loras_enabled():  # slots on every Linear: after fp8 quantization, before compile
                 self._install_loras(pipe.transformer, profile)
             if self.settings.compile_enabled():
@@ -231,6 +233,9 @@ class Engine:
             encoder_compiled = self.settings.compile_enabled() and not self.placement.profile.text_encoder_streamed
             self.speed_switches = speed.apply_switches(pipe, self.device, self.compiled, self.placement.profile.name,
                                                        encoder_compiled=encoder_compiled)
+            if fused:
+                fusion.check(pipe.transformer)  # nothing since fusing moved or re-quantized the weights
+                self.speed_switches.insert(0, "fused_projections")
             self.stages = Stages(pipe, self.placement, self.device, self.settings.embed_cache, self._note_oom,
                                  self.stats)
             phase("loras, compile set-up")

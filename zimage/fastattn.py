@@ -123,9 +123,14 @@ class RealRopeAttnProcessor:
                  attention_mask: torch.Tensor | None = None, freqs_cis: torch.Tensor | None = None) -> torch.Tensor:
         from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-        query = attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1))
-        key = attn.to_k(hidden_states).unflatten(-1, (attn.heads, -1))
-        value = attn.to_v(hidden_states).unflatten(-1, (attn.heads, -1))
+        fused = getattr(attn, "fused_qkv", None)  # fusion.FusedLinear: q/k/v as one GEMM
+        if fused is not None:
+            query, key, value = fused.project(hidden_states, (attn.to_q, attn.to_k, attn.to_v))
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        query = query.unflatten(-1, (attn.heads, -1))
+        key = key.unflatten(-1, (attn.heads, -1))
+        value = value.unflatten(-1, (attn.heads, -1))
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:

@@ -33,6 +33,18 @@ def quantizable(linear: torch.nn.Linear) -> bool:
     return linear.in_features % 16 == 0 and linear.out_features % 16 == 0
 
 
+def scaled_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+    """x W^T (+ b) for an e4m3 weight (out, in) with row scales (1, out): x quantized per token, one fp8 GEMM."""
+    lead = x.shape[:-1]
+    xq, x_scale = quantize_rows(x.reshape(-1, weight.shape[1]))
+    # weight.t() is column-major, the layout cuBLASLt/CUTLASS want for the second operand.
+    y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale, out_dtype=x.dtype)
+    if bias is not None:  # outside the GEMM: not every fp8 kernel takes a bias (the DiT's have none)
+        y = y + bias.to(x.dtype)
+    return y.reshape(*lead, weight.shape[0])
+
+
 class Fp8Linear(torch.nn.Module):
     """y = x W^T + b with W stored as e4m3 rows x per-row scales; x quantized per token in forward."""
 
@@ -51,13 +63,7 @@ class Fp8Linear(torch.nn.Module):
         return cls(q, scale.reshape(1, -1).contiguous(), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        xq, x_scale = quantize_rows(x.reshape(-1, self.in_features))
-        # weight.t() is column-major, the layout cuBLASLt/CUTLASS want for the second operand.
-        y = torch._scaled_mm(xq, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale, out_dtype=x.dtype)
-        if self.bias is not None:  # outside the GEMM: not every fp8 kernel takes a bias (the DiT's have none)
-            y = y + self.bias.to(x.dtype)
-        return y.reshape(*lead, self.out_features)
+        return scaled_linear(x, self.weight, self.weight_scale, self.bias)
 
     def _apply(self, fn, recurse=True):
         # Follow device moves, never dtype casts: `module.to(torch.bfloat16)` (from_pipe, a LoRA loader) would

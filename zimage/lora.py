@@ -444,9 +444,12 @@ class LoraLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         if self.active:
-            branch = F.linear(F.linear(x.to(self.lora_down.dtype), self.lora_down), self.lora_up)
-            out = out + branch.to(out.dtype)
+            out = out + self.branch(x).to(out.dtype)
         return out
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        """What the LoRAs add to this layer's output (also used by fusion.FusedLinear for a fused layer)."""
+        return F.linear(F.linear(x.to(self.lora_down.dtype), self.lora_down), self.lora_up)
 
     def extra_repr(self) -> str:
         return f"rank={self.lora_down.shape[0]}, active={self.active}"

@@ -34,6 +34,9 @@ class Switches:
                 compile-cache key (compile_cache.py): a restart loads the traced graphs and their guards instead
                 of re-tracing the Python code (the 36.5 s left of an fp8 restart, H100 2026-11-24). Process-wide
                 torch state, so the CPU test suite turns it off (tests/conftest.py) and tests it in subprocesses.
+    vae_split_norm  the compiled decoder's GroupNorms with two-step statistics (groupnorm.py); with vae_compile
+    fused_projections  q/k/v and w1/w3 as one GEMM each over a shared weight (fusion.py); a transformer that
+                stays resident (not the streamed 12gb profile)
     Defaults (measured, H100 2026-11-24, bf16): real_rope on (-3.2 ms/step), vae_compile on (decode 108 -> 45 ms),
     block_graphs off (bf16 0.916 vs 0.914 s with the graphs off in the same engine: kernel-bound; fp8, where
     it was meant to pay, could not be measured this session). Defaults come from DEFAULT_SWITCHES; ZIMAGE_SPEED="-real_rope,+block_graphs" (comma-separated, + or -
@@ -43,6 +46,8 @@ class Switches:
     vae_compile: bool = True
     block_graphs: bool = False
     encoder_graphs: bool = True  # predicted: text encode 31 -> <= 10 ms (host-bound; its kernels need ~5 ms)
+    vae_split_norm: bool = True  # predicted: decode 51 -> <= 38 ms (GroupNorm kernels 21 -> <= 8 ms)
+    fused_projections: bool = True  # predicted: fp8 -1.5 ms/step (5 GEMMs and 3 activation quantizations fewer per block)
     precompile: bool = True  # predicted: fp8 restart 66.8 -> <= 40 s (CPU tiny: first warm-up shape 6.2 -> 0.9 s)
 
     @classmethod
@@ -122,6 +127,16 @@ def apply_attention_backend(transformer, backend: str, real_rope: bool | None = 
     if backend in ("native", fastattn.FA4):
         return  # diffusers' default; set_attention_backend would only log an 'experimental' warning
     transformer.set_attention_backend(backend)
+
+
+def fuse_projections(transformer, resident: bool, sw: Switches | None = None) -> int:
+    """q/k/v and w1/w3 as one GEMM each (fusion.py), where the switch is on and the transformer stays resident
+    (the fused weights are views that a streamed model's moves would break). Returns the groups fused."""
+    from . import fusion
+
+    if not (sw or switches()).fused_projections or not resident:
+        return 0
+    return fusion.install(transformer)
 
 
 def fp8_supported(device: str) -> bool:
@@ -226,13 +241,17 @@ def _prepare_output_hooks(text_encoder) -> None:
                     del module._forward_hooks[key]
 
 
-def compile_vae_decoder(vae) -> None:
+def compile_vae_decoder(vae, split_norm: bool = False) -> None:
     """channels-last VAE and a compiled decoder: GroupNorm and the convolutions' NCHW<->NHWC conversions
     were 57 of the 100 ms eager decode on the H100 (measured 101.7 -> 48.2 ms, 2026-11-24).
 
     Tiled decode (Ultra, and the engine's OOM fallback) calls the same decoder on tiles of other sizes; it runs
     eagerly (`force_eager`), so tiles never trigger compiles and use no extra compile memory."""
     vae.to(memory_format=torch.channels_last)
+    if split_norm:  # GroupNorm statistics Inductor parallelizes (groupnorm.py); eager calls keep aten's kernel
+        from . import groupnorm
+
+        groupnorm.install(vae.decoder)
     # dynamic: one trace for every preset's size (Draft, Standard, High; Ultra decodes tiled, eagerly), so a
     # restart re-traces the decoder once instead of once per size.
     vae.decoder.compile(dynamic=True)
@@ -260,8 +279,10 @@ def apply_switches(pipe, device: str, compiled: bool, profile: str, sw: Switches
     on_gpu = device.startswith("cuda")
     # `full` only: the compiled decoder's peak was 38.6 GiB at 1024^2 vs 21.5 GiB eager (H100, 2026-11-24).
     if sw.vae_compile and compiled and on_gpu and profile == "full":
-        compile_vae_decoder(pipe.vae)
+        compile_vae_decoder(pipe.vae, split_norm=sw.vae_split_norm)
         applied.append("vae_compile")
+        if sw.vae_split_norm:
+            applied.append("vae_split_norm")
     if sw.block_graphs and compiled and on_gpu and profile == "full":
         cudagraph.install(pipe.transformer)
         applied.append("block_graphs")
