@@ -8,9 +8,9 @@ A variant is '+'-joined tokens:
         (max-autotune-no-cudagraphs)
     native | cudnn | flash | efficient | fa3 | fa2     attention backend (diffusers names _native_cudnn, ...)
     fa4        FlashAttention-4 through the project's processor (zimage/fastattn.py)
-    rope / norope, vaec / novaec, cg / nocg, encg / noencg, gn / nogn, fuse / nofuse    speed switches
-               (zimage/speed.py Switches: real_rope, vae_compile, block_graphs, encoder_graphs, vae_split_norm,
-               fused_projections); unnamed switches keep their defaults
+    rope / norope, vaec / novaec, cg / nocg, encg / noencg, gn / nogn, fuse / nofuse, kern / nokern    speed
+               switches (zimage/speed.py Switches: real_rope, vae_compile, block_graphs, encoder_graphs,
+               vae_split_norm, fused_projections, fused_kernels); unnamed switches keep their defaults
                (ZIMAGE_SPEED for the process)
     fp8        fp8 rowwise transformer (zimage/fp8.py) (embedders, final layer, adaLN kept bf16)
     tec        compile the text encoder's layers too (regional); teg: the same with CUDA graphs
@@ -57,7 +57,7 @@ BF16_PEAK_TFLOPS = 798.0  # 8192^3 bf16 matmul measured on the device H100 (docs
 ATTENTION = {"native": "native", "cudnn": "_native_cudnn", "flash": "_native_flash", "efficient": "_native_efficient",
              "fa3": "_flash_3", "fa2": "flash", "fa4": "fa4"}
 SWITCH_TOKENS = {"rope": "real_rope", "vaec": "vae_compile", "cg": "block_graphs", "encg": "encoder_graphs",
-                 "gn": "vae_split_norm", "fuse": "fused_projections"}
+                 "gn": "vae_split_norm", "fuse": "fused_projections", "kern": "fused_kernels"}
 
 
 def parse_variant(spec: str) -> dict:

@@ -27,6 +27,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from . import kernels  # noqa: F401  (registers the zimage:: ops the fused paths call)
+
 log = logging.getLogger("zimage.fusion")
 
 
@@ -105,9 +107,28 @@ class FusedFeedForward(torch.nn.Module):
     """Mixin forward for diffusers' Z-Image FeedForward (w2(silu(w1 x) * w3 x)) with w1/w3 as one GEMM;
     `install` swaps a FeedForward's class to a subclass of both (`_fused_ffn_class`)."""
 
+    swiglu_kernel = False  # SwiGLU + fp8 quantization of w2's input as one op (kernels.swiglu_quant)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .fp8 import Fp8Linear
+
+        w2 = _base(self.w2)
+        if self.swiglu_kernel and isinstance(w2, Fp8Linear) and not getattr(self.w2, "active", False):
+            return self._forward_quantized(x, w2)
         h1, h3 = self.fused_w13.project(x, (self.w1, self.w3))
         return self.w2(F.silu(h1) * h3)
+
+    def _forward_quantized(self, x: torch.Tensor, w2) -> torch.Tensor:
+        """w2's fp8 input straight from the SwiGLU (one pass over the hidden rows), then w2's fp8 GEMM."""
+        if getattr(self.w1, "active", False) or getattr(self.w3, "active", False):
+            h = torch.cat(self.fused_w13.project(x, (self.w1, self.w3)), dim=-1)  # LoRA branches on w1/w3
+        else:
+            h = self.fused_w13(x)
+        q, scale = torch.ops.zimage.swiglu_quant(h)
+        y = torch._scaled_mm(q, w2.weight.t(), scale_a=scale, scale_b=w2.weight_scale, out_dtype=x.dtype)
+        if w2.bias is not None:
+            y = y + w2.bias.to(x.dtype)
+        return y.reshape(*x.shape[:-1], w2.out_features)
 
 
 _FUSED_FFN_CLASS = None
@@ -129,9 +150,10 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def install(transformer: torch.nn.Module) -> int:
+def install(transformer: torch.nn.Module, swiglu_kernel: bool = False) -> int:
     """Fuse q/k/v of every attention and w1/w3 of every FeedForward in `transformer`; returns how many groups.
-    Call after fp8 quantization and before LoRA slots and compile; never move the transformer afterwards."""
+    Call after fp8 quantization and before LoRA slots and compile; never move the transformer afterwards.
+    `swiglu_kernel`: fp8 FFNs quantize w2's input in the SwiGLU op (kernels.swiglu_quant)."""
     from diffusers.models.attention_processor import Attention
 
     count = 0
@@ -146,6 +168,7 @@ def install(transformer: torch.nn.Module) -> int:
             if FusedLinear.fusable([module.w1, module.w3]):
                 module.fused_w13 = FusedLinear([module.w1, module.w3])
                 module.__class__ = _fused_ffn_class()
+                module.swiglu_kernel = swiglu_kernel
                 count += 1
     log.info("fused projections: %d groups (q/k/v, w1/w3)", count)
     return count
@@ -157,6 +180,7 @@ def uninstall(transformer: torch.nn.Module) -> None:
         if isinstance(module, _fused_ffn_class()):
             module.__class__ = _feed_forward_class()
             del module.fused_w13
+            module.__dict__.pop("swiglu_kernel", None)
         if "fused_qkv" in getattr(module, "_modules", {}):
             del module.fused_qkv
 

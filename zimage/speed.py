@@ -34,6 +34,8 @@ class Switches:
                 compile-cache key (compile_cache.py): a restart loads the traced graphs and their guards instead
                 of re-tracing the Python code (the 36.5 s left of an fp8 restart, H100 2026-11-24). Process-wide
                 torch state, so the CPU test suite turns it off (tests/conftest.py) and tests it in subprocesses.
+    fused_kernels  the fp8 SwiGLU and the quantization of its output as one Triton kernel (kernels.py; the PyTorch
+                reference where Triton is absent); with fused_projections
     vae_split_norm  the compiled decoder's GroupNorms with two-step statistics (groupnorm.py); with vae_compile
     fused_projections  q/k/v and w1/w3 as one GEMM each over a shared weight (fusion.py); a transformer that
                 stays resident (not the streamed 12gb profile)
@@ -47,6 +49,7 @@ class Switches:
     block_graphs: bool = False
     encoder_graphs: bool = True  # predicted: text encode 31 -> <= 10 ms (host-bound; its kernels need ~5 ms)
     vae_split_norm: bool = True  # predicted: decode 51 -> <= 38 ms (GroupNorm kernels 21 -> <= 8 ms)
+    fused_kernels: bool = True  # measured alone: 148 -> 84 us a call, -1.9 ms/step predicted
     fused_projections: bool = True  # predicted: fp8 -1.5 ms/step (5 GEMMs and 3 activation quantizations fewer per block)
     precompile: bool = True  # predicted: fp8 restart 66.8 -> <= 40 s (CPU tiny: first warm-up shape 6.2 -> 0.9 s)
 
@@ -134,9 +137,10 @@ def fuse_projections(transformer, resident: bool, sw: Switches | None = None) ->
     (the fused weights are views that a streamed model's moves would break). Returns the groups fused."""
     from . import fusion
 
-    if not (sw or switches()).fused_projections or not resident:
+    sw = sw or switches()
+    if not sw.fused_projections or not resident:
         return 0
-    return fusion.install(transformer)
+    return fusion.install(transformer, swiglu_kernel=sw.fused_kernels)
 
 
 def fp8_supported(device: str) -> bool:
