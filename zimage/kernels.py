@@ -10,10 +10,10 @@ It reproduces the PyTorch code it replaces operation for operation, including it
 rounds to bf16, so does the product), so the fp8 codes equal the eager reference's (all but 3 in 10^6 on the
 device, from float32 exp/division rounding; the compiled reference itself differs from eager in 3 % of codes).
 
-Where Triton is importable, the op is a `torch.library.triton_op`: Inductor sees the kernel and launches it from
-its generated code, like its own kernels (a plain custom op went through Python at every call). Its CPU kernel,
-and the whole op where Triton is absent (this project's CPU CI), is the PyTorch reference, which the CPU tests
-compare against the code it replaces.
+The op is a `torch.library.custom_op` (opaque to Inductor, traced through its fake): the Triton kernel for bf16
+CUDA input, the PyTorch reference otherwise -- which is what the CPU tests compare against the code it replaces.
+(As a `torch.library.triton_op`, which Inductor would launch from its own generated code, Inductor's compile
+worker failed to build the kernel on the device's torch 2.11; not pursued.)
 
 Tried and dropped (same measurements): q/k RMSNorm + RoPE as one kernel per token -- 325 us a call against the
 compiled reference's 80 us (its interleaved stride-2 loads and stores of 30 x 64 pairs per program were the wrong
@@ -21,6 +21,8 @@ shape); Inductor's own kernel for it stays.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -41,16 +43,35 @@ def _fake(h):
             torch.empty((rows, 1), dtype=torch.float32, device=h.device))
 
 
-try:
+@torch.library.custom_op("zimage::swiglu_quant", mutates_args=())
+def swiglu_quant(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """silu(h1) * h3 quantized per row to e4m3: (rows, N) e4m3 and (rows, 1) float32 scales. The Triton kernel for
+    bf16 CUDA input with a unit last stride; the reference for anything else."""
+    if not (h.is_cuda and h.dtype == torch.bfloat16 and h.stride(-1) == 1):
+        return swiglu_quant_reference(h)
+    triton, kernel = _triton_kernel()
+    n = h.shape[-1] // 2
+    rows = h.numel() // h.shape[-1]
+    h2 = h.reshape(rows, 2 * n)
+    q = torch.empty((rows, n), dtype=fp8.E4M3, device=h.device)
+    scale = torch.empty((rows, 1), dtype=torch.float32, device=h.device)
+    block = triton.next_power_of_2(n)
+    kernel[(rows,)](h2, q, scale, h2.stride(0), n, fp8.E4M3_MAX, fp8._TINY, BLOCK=block,
+                    num_warps=16 if block >= 8192 else 8 if block >= 2048 else 4)
+    return q, scale
+
+
+swiglu_quant.register_fake(_fake)
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_kernel():
+    """Triton is imported on first CUDA use only (CPU installs have none)."""
     import triton
     import triton.language as tl
-except ImportError:  # CPU installs: the op is the reference
-    triton = None
 
-
-if triton is not None:
     @triton.jit
-    def _swiglu_quant_kernel(h_ptr, q_ptr, scale_ptr, stride_h, n, fp8_max, tiny, BLOCK: tl.constexpr):
+    def swiglu_quant_kernel(h_ptr, q_ptr, scale_ptr, stride_h, n, fp8_max, tiny, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < n
@@ -63,30 +84,4 @@ if triton is not None:
         tl.store(q_ptr + row * n + cols, q.to(tl.float8e4nv), mask=mask)
         tl.store(scale_ptr + row, scale)
 
-    @torch.library.triton_op("zimage::swiglu_quant", mutates_args=())
-    def swiglu_quant(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """silu(h1) * h3 quantized per row to e4m3: (rows, N) e4m3 and (rows, 1) float32 scales. bf16 CUDA input
-        with a unit last stride; anything else runs the reference."""
-        if not (h.is_cuda and h.dtype == torch.bfloat16 and h.stride(-1) == 1):
-            return swiglu_quant_reference(h)
-        n = h.shape[-1] // 2
-        rows = h.numel() // h.shape[-1]
-        h2 = h.reshape(rows, 2 * n)
-        q = torch.empty((rows, n), dtype=fp8.E4M3, device=h.device)
-        scale = torch.empty((rows, 1), dtype=torch.float32, device=h.device)
-        block = triton.next_power_of_2(n)
-        torch.library.wrap_triton(_swiglu_quant_kernel)[(rows,)](
-            h2, q, scale, h2.stride(0), n, fp8.E4M3_MAX, fp8._TINY, BLOCK=block,
-            num_warps=16 if block >= 8192 else 8 if block >= 2048 else 4)
-        return q, scale
-
-    @swiglu_quant.register_kernel("cpu")
-    def _(h):
-        return swiglu_quant_reference(h)
-else:
-    @torch.library.custom_op("zimage::swiglu_quant", mutates_args=())
-    def swiglu_quant(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """silu(h1) * h3 quantized per row to e4m3 (the reference: no Triton here)."""
-        return swiglu_quant_reference(h)
-
-    swiglu_quant.register_fake(_fake)
+    return triton, swiglu_quant_kernel
