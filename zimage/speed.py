@@ -49,7 +49,9 @@ class Switches:
     block_graphs: bool = False
     encoder_graphs: bool = True  # predicted: text encode 31 -> <= 10 ms (host-bound; its kernels need ~5 ms)
     vae_split_norm: bool = True  # predicted: decode 51 -> <= 38 ms (GroupNorm kernels 21 -> <= 8 ms)
-    fused_kernels: bool = True  # measured alone: 148 -> 84 us a call, -1.9 ms/step predicted
+    # Off: the kernel saves 7 ms of GPU time a generation, but calling it through Python between the compiled
+    # kernels idled the GPU as long (H100 2026-11-25: 74.3 ms/step with and without); for block_graphs experiments.
+    fused_kernels: bool = False
     fused_projections: bool = True  # predicted: fp8 -1.5 ms/step (5 GEMMs and 3 activation quantizations fewer per block)
     precompile: bool = True  # predicted: fp8 restart 66.8 -> <= 40 s (CPU tiny: first warm-up shape 6.2 -> 0.9 s)
 
