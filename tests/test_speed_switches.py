@@ -46,6 +46,19 @@ def test_fa4_absent_on_this_machine_is_handled():
             speed.apply_attention_backend(types.SimpleNamespace(), "fa4")
 
 
+@pytest.mark.parametrize("capability,fa4,first", [((9, 0), True, "fa4"), ((10, 0), True, "fa4"),
+                                                   ((9, 0), False, "native"), ((8, 9), True, "native")])
+def test_auto_attention_picks_fa4_where_installed_and_supported(monkeypatch, capability, fa4, first):
+    """auto: FlashAttention-4 first on Hopper/Blackwell when flash-attn-4 imports (measured fastest in the engine on
+    the H100), else SDPA (cuDNN); never FA4 below sm90."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(fastattn, "fa4_importable", lambda: fa4)
+    monkeypatch.setattr(speed, "flash_attn_3_available", lambda: False)
+    monkeypatch.setattr(speed, "flash_attn_2_available", lambda: False)
+    assert speed.choose_attention_backend("auto", "cuda") == first
+
+
 def test_settings_accept_fa4():
     from zimage.settings import Settings
 
