@@ -100,3 +100,36 @@ def test_engine_fuses_only_a_resident_transformer():
     assert speed.fuse_projections(prepared(torch.float32), resident=True,
                                   sw=speed.Switches(fused_projections=False)) == 0
     assert speed.fuse_projections(prepared(torch.float32), resident=True) > 0
+
+
+def test_swiglu_kernel_path_matches_and_respects_lora_branches(tmp_path, monkeypatch):
+    """fused_kernels: an fp8 FFN quantizes w2's input in `zimage::swiglu_quant` (on CPU: its PyTorch reference) --
+    the same output as the unfused SwiGLU, bit for bit; a LoRA branch on w1 still reaches it; one on w2 (which needs
+    w2's bf16 input) takes the ordinary path."""
+    from zimage import kernels
+
+    calls = []
+    reference = kernels.swiglu_quant_reference
+    monkeypatch.setattr(kernels, "swiglu_quant_reference", lambda h: calls.append(1) or reference(h))
+    x, t, cap = inputs(torch.bfloat16)
+    outputs = {}
+    for on in (False, True):
+        model = prepared(torch.bfloat16, quantize=True)
+        fusion.install(model, swiglu_kernel=on)
+        runtime = lora.LoraRuntime(lora.LoraLibrary(tmp_path), model, "cpu", torch.bfloat16, rank=4, cache_bytes=0,
+                                   mode="branch")
+        outputs[(on, "none")] = run(model, x, t, cap)
+        g = torch.Generator().manual_seed(7)
+        for layer in ("w1", "w2"):
+            name = f"layers.0.feed_forward.{layer}"
+            w = runtime.wrappers[name]
+            adapter = lora.Adapter(layer, (0, 0), "0" * 64, "0" * 12, 4, {name: (
+                torch.randn(4, w.in_features, generator=g).bfloat16() * 0.3,
+                torch.randn(w.out_features, 4, generator=g).bfloat16() * 0.3)}, "diffusers")
+            runtime._write([(adapter, 1.0)])
+            outputs[(on, layer)] = run(model, x, t, cap)
+        runtime._write(None)
+    assert calls  # the op ran (the kernel path was taken)
+    for case in ("none", "w1", "w2"):
+        assert torch.equal(outputs[(True, case)], outputs[(False, case)]), case
+    assert rel_l2(outputs[(True, "w1")], outputs[(True, "none")]) > 1e-3

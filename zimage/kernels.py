@@ -15,6 +15,10 @@ CUDA input, the PyTorch reference otherwise -- which is what the CPU tests compa
 (As a `torch.library.triton_op`, which Inductor would launch from its own generated code, Inductor's compile
 worker failed to build the kernel on the device's torch 2.11; not pursued.)
 
+Off by default (speed switch `fused_kernels`): in the engine the kernel saved 7 ms of GPU time a generation, but
+the Python call between compiled kernels idled the GPU as long (74.3 ms/step either way); with the blocks as one
+CUDA graph (`block_graphs`) it gained 1 ms/step (docs/PERFORMANCE.md, 2026-11-25).
+
 Tried and dropped (same measurements): q/k RMSNorm + RoPE as one kernel per token -- 325 us a call against the
 compiled reference's 80 us (its interleaved stride-2 loads and stores of 30 x 64 pairs per program were the wrong
 shape); Inductor's own kernel for it stays.
