@@ -22,7 +22,7 @@ FP8_EXCLUDED = ("t_embedder", "cap_embedder", "all_x_embedder", "all_final_layer
 
 @dataclasses.dataclass(frozen=True)
 class Switches:
-    """Speed switches beyond the Settings flags, each measured in docs/PERFORMANCE.md (2026-11-24).
+    """Speed switches beyond the Settings flags, each measured in docs/PERFORMANCE.md (2026-11-24 and -25).
 
     real_rope   project attention processor with real-valued RoPE (fastattn.py); any device
     vae_compile channels-last VAE + torch.compile(vae.decoder) when compiling (CUDA); tiled decode stays eager
@@ -40,19 +40,21 @@ class Switches:
     fused_projections  q/k/v and w1/w3 as one GEMM each over a shared weight (fusion.py); a transformer that
                 stays resident (not the streamed 12gb profile)
     Defaults (measured, H100 2026-11-24, bf16): real_rope on (-3.2 ms/step), vae_compile on (decode 108 -> 45 ms),
-    block_graphs off (bf16 0.916 vs 0.914 s with the graphs off in the same engine: kernel-bound; fp8, where
-    it was meant to pay, could not be measured this session). Defaults come from DEFAULT_SWITCHES; ZIMAGE_SPEED="-real_rope,+block_graphs" (comma-separated, + or -
-    before a name) overrides them for a process (benchmarks and experiments)."""
+    block_graphs off (bf16 0.916 vs 0.914 s with the graphs off in the same engine: kernel-bound; fp8 2026-11-25:
+    0.648 s alone, 0.640 s with fused_kernels, restart not measured). 2026-11-25, fp8: vae_split_norm on (decode
+    58 -> 35 ms), fused_projections on (74.9 -> 74.7 ms/step, fewer launches, memory-neutral), fused_kernels off.
+    Defaults come from DEFAULT_SWITCHES; ZIMAGE_SPEED="-real_rope,+block_graphs" (comma-separated, + or - before a
+    name) overrides them for a process (benchmarks and experiments)."""
 
     real_rope: bool = True
     vae_compile: bool = True
     block_graphs: bool = False
     encoder_graphs: bool = True  # predicted: text encode 31 -> <= 10 ms (host-bound; its kernels need ~5 ms)
-    vae_split_norm: bool = True  # predicted: decode 51 -> <= 38 ms (GroupNorm kernels 21 -> <= 8 ms)
+    vae_split_norm: bool = True  # predicted decode 51 -> <= 38 ms; measured 58 -> 35 ms (H100 2026-11-25)
     # Off: the kernel saves 7 ms of GPU time a generation, but calling it through Python between the compiled
     # kernels idled the GPU as long (H100 2026-11-25: 74.3 ms/step with and without); for block_graphs experiments.
     fused_kernels: bool = False
-    fused_projections: bool = True  # predicted: fp8 -1.5 ms/step (5 GEMMs and 3 activation quantizations fewer per block)
+    fused_projections: bool = True  # predicted fp8 -1.5 ms/step; measured -0.2 (GEMMs already at the fp8 floor)
     precompile: bool = True  # predicted: fp8 restart 66.8 -> <= 40 s (CPU tiny: first warm-up shape 6.2 -> 0.9 s)
 
     @classmethod
