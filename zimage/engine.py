@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from . import compile_cache, fusion, loading, lora, memory, speed, warmup
+from . import compile_cache, loading, lora, memory, speed, warmup
 from .interface import EngineState, EngineStatus, ProgressFn, start_in_background
 from .request import (GenerationCancelled, GenerationRequest, GenerationResult, Job,
                       OutOfMemory, RequestError, check_lora_limit, resolve)
@@ -234,6 +234,8 @@ class Engine:
             self.speed_switches = speed.apply_switches(pipe, self.device, self.compiled, self.placement.profile.name,
                                                        encoder_compiled=encoder_compiled)
             if fused:
+                from . import fusion  # imports diffusers, as loading did by now
+
                 fusion.check(pipe.transformer)  # nothing since fusing moved or re-quantized the weights
                 self.speed_switches.insert(0, "fused_projections")
             self.stages = Stages(pipe, self.placement, self.device, self.settings.embed_cache, self._note_oom,

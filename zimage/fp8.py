@@ -36,13 +36,18 @@ def quantizable(linear: torch.nn.Linear) -> bool:
 def scaled_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                   bias: torch.Tensor | None) -> torch.Tensor:
     """x W^T (+ b) for an e4m3 weight (out, in) with row scales (1, out): x quantized per token, one fp8 GEMM."""
-    lead = x.shape[:-1]
     xq, x_scale = quantize_rows(x.reshape(-1, weight.shape[1]))
+    return scaled_mm(xq, x_scale, weight, weight_scale, bias, x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+
+def scaled_mm(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+              bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """The fp8 GEMM of rows already quantized (xq (rows, in) e4m3, x_scale (rows, 1)): (rows, out) in out_dtype."""
     # weight.t() is column-major, the layout cuBLASLt/CUTLASS want for the second operand.
-    y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale, out_dtype=x.dtype)
+    y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale, out_dtype=out_dtype)
     if bias is not None:  # outside the GEMM: not every fp8 kernel takes a bias (the DiT's have none)
-        y = y + bias.to(x.dtype)
-    return y.reshape(*lead, weight.shape[0])
+        y = y + bias.to(out_dtype)
+    return y
 
 
 class Fp8Linear(torch.nn.Module):

@@ -26,8 +26,11 @@ import logging
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
+from diffusers.models.transformers.transformer_z_image import FeedForward
 
 from . import kernels  # noqa: F401  (registers the zimage:: ops the fused paths call)
+from .fp8 import Fp8Linear, scaled_linear, scaled_mm
 
 log = logging.getLogger("zimage.fusion")
 
@@ -42,8 +45,6 @@ class FusedLinear(torch.nn.Module):
 
     def __init__(self, parts: list[torch.nn.Module]):
         super().__init__()
-        from .fp8 import Fp8Linear
-
         bases = [_base(p) for p in parts]
         self.fp8 = isinstance(bases[0], Fp8Linear)
         self.in_features = bases[0].in_features
@@ -61,8 +62,6 @@ class FusedLinear(torch.nn.Module):
 
     @staticmethod
     def fusable(parts) -> bool:
-        from .fp8 import Fp8Linear
-
         bases = [_base(p) for p in parts]
         kinds = {type(b) for b in bases}
         if len(kinds) != 1 or not kinds <= {torch.nn.Linear, Fp8Linear}:
@@ -73,8 +72,6 @@ class FusedLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fp8:
-            from .fp8 import scaled_linear
-
             return scaled_linear(x, self.weight, self.weight_scale, None)
         return F.linear(x, self.weight)
 
@@ -97,21 +94,13 @@ class FusedLinear(torch.nn.Module):
         return f"in_features={self.in_features}, sizes={self.sizes}{', e4m3' if self.fp8 else ''}"
 
 
-def _feed_forward_class():
-    from diffusers.models.transformers.transformer_z_image import FeedForward
-
-    return FeedForward
-
-
-class FusedFeedForward(torch.nn.Module):
-    """Mixin forward for diffusers' Z-Image FeedForward (w2(silu(w1 x) * w3 x)) with w1/w3 as one GEMM;
-    `install` swaps a FeedForward's class to a subclass of both (`_fused_ffn_class`)."""
+class FusedFeedForward(FeedForward):
+    """diffusers' Z-Image FeedForward (w2(silu(w1 x) * w3 x)) with w1/w3 as one GEMM (`fused_w13`); `install`
+    swaps a FeedForward's class to it (a module-level class: Dynamo's precompile cache pickles it by name)."""
 
     swiglu_kernel = False  # SwiGLU + fp8 quantization of w2's input as one op (kernels.swiglu_quant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .fp8 import Fp8Linear
-
         w2 = _base(self.w2)
         if self.swiglu_kernel and isinstance(w2, Fp8Linear) and not getattr(self.w2, "active", False):
             return self._forward_quantized(x, w2)
@@ -125,51 +114,26 @@ class FusedFeedForward(torch.nn.Module):
         else:
             h = self.fused_w13(x)
         q, scale = torch.ops.zimage.swiglu_quant(h)
-        y = torch._scaled_mm(q, w2.weight.t(), scale_a=scale, scale_b=w2.weight_scale, out_dtype=x.dtype)
-        if w2.bias is not None:
-            y = y + w2.bias.to(x.dtype)
+        y = scaled_mm(q, scale, w2.weight, w2.weight_scale, w2.bias, x.dtype)
         return y.reshape(*x.shape[:-1], w2.out_features)
-
-
-_FUSED_FFN_CLASS = None
-
-
-def _fused_ffn_class():
-    """The subclass is built on first use, so importing this module does not import diffusers."""
-    global _FUSED_FFN_CLASS
-    if _FUSED_FFN_CLASS is None:
-        _FUSED_FFN_CLASS = type("FusedZImageFeedForward", (FusedFeedForward, _feed_forward_class()),
-                                {"__module__": __name__})
-    return _FUSED_FFN_CLASS
-
-
-def __getattr__(name: str):
-    # `zimage.fusion.FusedZImageFeedForward` resolves (pickle, Dynamo's precompile cache look classes up by name).
-    if name == "FusedZImageFeedForward":
-        return _fused_ffn_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def install(transformer: torch.nn.Module, swiglu_kernel: bool = False) -> int:
     """Fuse q/k/v of every attention and w1/w3 of every FeedForward in `transformer`; returns how many groups.
     Call after fp8 quantization and before LoRA slots and compile; never move the transformer afterwards.
     `swiglu_kernel`: fp8 FFNs quantize w2's input in the SwiGLU op (kernels.swiglu_quant)."""
-    from diffusers.models.attention_processor import Attention
-
     count = 0
-    feed_forward = _feed_forward_class()
     for module in list(transformer.modules()):
         if isinstance(module, Attention) and not hasattr(module, "fused_qkv"):
             parts = [getattr(module, name, None) for name in ("to_q", "to_k", "to_v")]
             if None not in parts and FusedLinear.fusable(parts):
                 module.fused_qkv = FusedLinear(parts)
                 count += 1
-        elif isinstance(module, feed_forward) and not hasattr(module, "fused_w13"):
-            if FusedLinear.fusable([module.w1, module.w3]):
-                module.fused_w13 = FusedLinear([module.w1, module.w3])
-                module.__class__ = _fused_ffn_class()
-                module.swiglu_kernel = swiglu_kernel
-                count += 1
+        elif type(module) is FeedForward and FusedLinear.fusable([module.w1, module.w3]):
+            module.fused_w13 = FusedLinear([module.w1, module.w3])
+            module.__class__ = FusedFeedForward
+            module.swiglu_kernel = swiglu_kernel
+            count += 1
     log.info("fused projections: %d groups (q/k/v, w1/w3)", count)
     return count
 
@@ -177,8 +141,8 @@ def install(transformer: torch.nn.Module, swiglu_kernel: bool = False) -> int:
 def uninstall(transformer: torch.nn.Module) -> None:
     """Back to separate GEMMs (the parts keep their weights, as views of the former owner's storage)."""
     for module in list(transformer.modules()):
-        if isinstance(module, _fused_ffn_class()):
-            module.__class__ = _feed_forward_class()
+        if type(module) is FusedFeedForward:
+            module.__class__ = FeedForward
             del module.fused_w13
             module.__dict__.pop("swiglu_kernel", None)
         if "fused_qkv" in getattr(module, "_modules", {}):

@@ -21,7 +21,6 @@ nn.GroupNorm in a module (weights and state-dict keys unchanged); `uninstall` sw
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 class SplitGroupNorm(torch.nn.GroupNorm):
@@ -53,11 +52,6 @@ def split_group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor | None, 
     if bias is not None:
         y = y + bias.float()[None, :, None, None]
     return y.to(x.dtype)
-
-
-def reference(x: torch.Tensor, norm: torch.nn.GroupNorm) -> torch.Tensor:
-    """aten's GroupNorm, for tests."""
-    return F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
 
 
 def install(module: torch.nn.Module) -> int:
