@@ -1,16 +1,19 @@
-"""Check and time the hand-written kernel (zimage/kernels.py) against the code it replaces, on a CUDA GPU.
+"""Check and time the hand-written kernels (zimage/kernels.py) against the code they replace, on a CUDA GPU.
 
-    python bench/kernels.py --out kernels.json
+    python bench/kernels.py --out kernels.json [--sweep]
 
-Shape: one Standard 1024^2 block (4352 tokens = 4096 image + 256 caption; SwiGLU 2 x 10240), the input laid out
-as the fused w1/w3 GEMM leaves it. The kernel against its PyTorch reference, eager and compiled (what the engine
-ran before): agreement (fp8 codes equal, scales) and time per call (CUDA events, median of 5 x 100 calls), with
-the byte floor at the measured copy bandwidth. Prints a table; writes JSON.
+Shape: one Standard 1024^2 block (4352 tokens = 4096 image + 256 caption; dim 3840, 30 heads of 128; SwiGLU
+2 x 10240), inputs laid out as the fused GEMMs leave them. Each kernel against its PyTorch reference, eager and
+compiled (what Inductor makes of the same math): agreement (rel-L2; fp8 codes equal) and time per call (CUDA
+events, median of 5 x 100 calls), with the byte floor at the measured copy bandwidth. `--sweep` also times each
+kernel's launch parameters and writes the fastest as `best_config` (bench/latency.py --kernel-config reads it).
+Prints a table; writes JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -20,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from zimage import kernels  # noqa: E402
+from zimage import fp8, kernels  # noqa: E402
 
 
 def time_ms(fn, repeats: int = 5, calls: int = 100) -> float:
@@ -51,10 +54,25 @@ def rel_l2(a, b) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
+def _dense(out):
+    """A kernel's result as one float tensor: (x', y, y_scale) / (q, scale) pairs dequantized and concatenated."""
+    if isinstance(out, torch.Tensor):
+        return out.float().flatten()
+    parts = [t for t in out if t is not None]
+    if len(parts) >= 2 and parts[-1].dtype == torch.float32 and parts[-1].shape[-1] == 1:
+        parts = parts[:-2] + [parts[-2].float() * parts[-1]]
+    return torch.cat([t.float().flatten() for t in parts])
+
+
+def _grid(grid: dict) -> list[dict]:
+    return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=4352)
     ap.add_argument("--out", default="kernels.json")
+    ap.add_argument("--sweep", action="store_true", help="time each kernel's launch parameters; keep the fastest")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     dev, bf16 = "cuda", torch.bfloat16
@@ -78,15 +96,94 @@ def main(argv=None) -> int:
                  "compiled_reference_us": 1e3 * time_ms(lambda: compiled_swiglu(h)),
                  "floor_us": 1e6 * moved / bandwidth})
 
+    # The block schedule's kernels (fastblocks.py): fp8 and bf16 outputs.
+    dim, heads, head = 3840, 30, 128
+    x, branch = torch.randn(s, dim, device=dev, dtype=bf16), torch.randn(s, dim, device=dev, dtype=bf16)
+    mod = torch.randn(1, 4 * dim, device=dev, dtype=bf16)
+    w_a, w_b = torch.rand(dim, device=dev, dtype=bf16) + 0.5, torch.rand(dim, device=dev, dtype=bf16) + 0.5
+    qkv = torch.randn(s, 3 * dim, device=dev, dtype=bf16)
+    angles = torch.rand(s, head // 2, device=dev) * 6.28
+    freqs = torch.stack((angles.cos(), angles.sin()), dim=-1).reshape(s, head)
+    q_w, k_w = torch.rand(head, device=dev, dtype=bf16) + 0.5, torch.rand(head, device=dev, dtype=bf16) + 0.5
+    attn_out = torch.randn(1, heads, s, head, device=dev, dtype=bf16).transpose(1, 2)  # SDPA's BHSD, seen as BSHD
+    attn_out_fa4 = attn_out.contiguous()  # FlashAttention-4's BSHD
+    e4m3 = 1  # bytes
+    cases = {
+        # name: (kernel call, reference, bytes moved, sweep parameter grid)
+        "residual_norm fp8": (
+            lambda: kernels.residual_norm(x, s, 1e-5, branch, w_a, mod[:, dim:2 * dim], w_b, mod[:, :dim], True),
+            lambda: kernels.residual_norm_reference(x, s, 1e-5, branch, w_a, mod[:, dim:2 * dim], w_b, mod[:, :dim],
+                                                    True),
+            s * dim * (2 + 2 + 2 + e4m3), {"num_warps": [4, 8, 16]}),
+        "residual_norm bf16": (
+            lambda: kernels.residual_norm(x, s, 1e-5, branch, w_a, mod[:, dim:2 * dim], w_b, mod[:, :dim], False),
+            lambda: kernels.residual_norm_reference(x, s, 1e-5, branch, w_a, mod[:, dim:2 * dim], w_b, mod[:, :dim],
+                                                    False),
+            s * dim * 8, None),
+        "norm fp8 (first block)": (
+            lambda: kernels.residual_norm(x, s, 1e-5, weight=w_b, scale=mod[:, :dim], quant=True),
+            lambda: kernels.residual_norm_reference(x, s, 1e-5, weight=w_b, scale=mod[:, :dim], quant=True),
+            s * dim * (2 + e4m3), None),
+        "residual only (last block)": (
+            lambda: kernels.residual_norm(x, s, 1e-5, branch, w_a, mod[:, dim:2 * dim]),
+            lambda: kernels.residual_norm_reference(x, s, 1e-5, branch, w_a, mod[:, dim:2 * dim]),
+            s * dim * 6, None),
+        "qk_norm_rope": (
+            lambda: kernels.qk_norm_rope(qkv, q_w, k_w, freqs, heads, 1e-5),
+            lambda: kernels.qk_norm_rope_reference(qkv, q_w, k_w, freqs, heads, 1e-5),
+            s * dim * 2 * 4 + s * head * 4,
+            {"rows": [16, 32, 64], "heads": [1, 5, 15], "num_warps": [4, 8]}),
+        "quantize_heads (SDPA layout)": (
+            lambda: kernels.quantize_heads(attn_out),
+            lambda: fp8.quantize_rows(attn_out.reshape(s, dim)),
+            s * dim * (2 + e4m3), {"num_warps": [2, 4, 8]}),
+        "quantize_heads (FA4 layout)": (
+            lambda: kernels.quantize_heads(attn_out_fa4),
+            lambda: fp8.quantize_rows(attn_out_fa4.reshape(s, dim)),
+            s * dim * (2 + e4m3), None),
+        "swiglu fp8": (
+            lambda: kernels.swiglu(h, True), lambda: kernels.swiglu_reference(h, True),
+            s * hidden * (4 + e4m3), {"num_warps": [8, 16, 32]}),
+        "swiglu bf16": (
+            lambda: kernels.swiglu(h, False), lambda: kernels.swiglu_reference(h, False),
+            s * hidden * 6, None),
+    }
+    best = {}
+    for name, (call, reference, moved, grid) in cases.items():
+        got, ref = _dense(call()), _dense(reference())
+        compiled = torch.compile(reference, dynamic=False)
+        row = {"kernel": name, "rel_l2": rel_l2(got, ref),
+               "kernel_us": 1e3 * time_ms(call), "compiled_reference_us": 1e3 * time_ms(compiled),
+               "floor_us": 1e6 * moved / bandwidth}
+        if args.sweep and grid:
+            key = name.split(" ")[0]
+            default = dict(kernels.CONFIG[key])
+            trials = []
+            for params in _grid(grid):
+                kernels.CONFIG[key] = {**default, **params}
+                try:
+                    trials.append((1e3 * time_ms(call, repeats=3, calls=50), params))
+                except Exception as exc:  # noqa: BLE001 - a parameter set Triton refuses (registers, shared memory)
+                    print(f"{name} {params}: {exc!r}"[:200], flush=True)
+            kernels.CONFIG[key] = default
+            fastest = min(trials, key=lambda t: t[0])
+            row["sweep"] = [{"us": round(us, 2), **params} for us, params in trials]
+            best[key] = fastest[1]
+            row["best_us"], row["best"] = fastest
+        rows.append(row)
+
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "copy_bandwidth_gbs": round(bandwidth / 1e9, 1), "kernels": rows}
+              "copy_bandwidth_gbs": round(bandwidth / 1e9, 1), "kernels": rows, "config": kernels.CONFIG,
+              "best_config": best}
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s")
-    print(f"{'kernel':<14} {'ours us':>8} {'compiled ref us':>15} {'floor us':>8}  agreement")
+    print(f"{'kernel':<28} {'ours us':>8} {'best us':>8} {'compiled ref us':>15} {'floor us':>8}  agreement")
     for r in rows:
         agreement = {k: round(v, 6) for k, v in r.items() if k.startswith(("rel_l2", "max_abs", "fp8", "scale"))}
-        print(f"{r['kernel']:<14} {r['kernel_us']:>8.1f} {r['compiled_reference_us']:>15.1f} {r['floor_us']:>8.1f}  "
-              f"{agreement}")
+        best_us = f"{r['best_us']:>8.1f}" if "best_us" in r else f"{'':>8}"
+        print(f"{r['kernel']:<28} {r['kernel_us']:>8.1f} {best_us} {r['compiled_reference_us']:>15.1f} "
+              f"{r['floor_us']:>8.1f}  {agreement} {r.get('best', '')}")
+    print(f"best launch parameters: {best}")
     return 0
 
 

@@ -8,7 +8,7 @@ A variant is '+'-joined tokens:
         (max-autotune-no-cudagraphs)
     native | cudnn | flash | efficient | fa3 | fa2     attention backend (diffusers names _native_cudnn, ...)
     fa4        FlashAttention-4 through the project's processor (zimage/fastattn.py)
-    rope / norope, vaec / novaec, cg / nocg, encg / noencg, gn / nogn, fuse / nofuse, kern / nokern    speed
+    rope / norope, vaec / novaec, cg / nocg, encg / noencg, gn / nogn, fuse / nofuse, kern / nokern, bk / nobk    speed
                switches (zimage/speed.py Switches: real_rope, vae_compile, block_graphs, encoder_graphs,
                vae_split_norm, fused_projections, fused_kernels); unnamed switches keep their defaults
                (ZIMAGE_SPEED for the process)
@@ -57,7 +57,8 @@ BF16_PEAK_TFLOPS = 798.0  # 8192^3 bf16 matmul measured on the device H100 (docs
 ATTENTION = {"native": "native", "cudnn": "_native_cudnn", "flash": "_native_flash", "efficient": "_native_efficient",
              "fa3": "_flash_3", "fa2": "flash", "fa4": "fa4"}
 SWITCH_TOKENS = {"rope": "real_rope", "vaec": "vae_compile", "cg": "block_graphs", "encg": "encoder_graphs",
-                 "gn": "vae_split_norm", "fuse": "fused_projections", "kern": "fused_kernels"}
+                 "gn": "vae_split_norm", "fuse": "fused_projections", "kern": "fused_kernels",
+                 "bk": "block_kernels"}
 
 
 def parse_variant(spec: str) -> dict:
@@ -201,6 +202,21 @@ def run_variant(args, spec: str, flops_cache: dict, reference: dict, results: li
                 nocg_walls.append(time.perf_counter() - t)
             graphed.enabled = True
             nocg = {k: round(x, 4) for k, x in summarize(nocg_walls).items()}
+        nobk = None
+        if getattr(graphed, "kernels", None) is not None and not graphed.enabled:
+            # bk: the same engine with the main blocks compiled by Inductor instead (A/B); one untimed generation
+            # compiles them first.
+            schedule, graphed.kernels = graphed.kernels, None
+            run(engine, request_for(v, tier, aspect, 1234))
+            nobk_walls, nobk_rows = [], []
+            for i in range(args.runs):
+                t = time.perf_counter()
+                nobk_rows.append(run(engine, request_for(v, tier, aspect, 1234 + i)))
+                nobk_walls.append(time.perf_counter() - t)
+            graphed.kernels = schedule
+            nobk = {k: round(x, 4) for k, x in summarize(nobk_walls).items()}
+            nobk["per_step_ms"] = round(1000 * statistics.median(r.timings["denoise"] for r in nobk_rows)
+                                        / nobk_rows[0].steps, 1)
         png = []
         for r in rows[:3]:
             t = time.perf_counter()
@@ -231,6 +247,7 @@ def run_variant(args, spec: str, flops_cache: dict, reference: dict, results: li
             "achieved_tflops": round(flops / e2e["median"] / 1e12, 1),
             "floor_s_at_bf16_peak": round(flops / (BF16_PEAK_TFLOPS * 1e12), 4),
             "describe": engine.describe(), "compile_stats": compiled_stats, "e2e_s_graphs_off": nocg,
+            "e2e_s_block_kernels_off": nobk,
             "graphs": ({"captures": graphed.captures, "replays": graphed.replays} if hasattr(graphed, "captures")
                        else None),
             "nonfinite": any("non-finite" in w for r in rows + [first] for w in r.warnings)
@@ -369,7 +386,16 @@ def main(argv=None) -> int:
     ap.add_argument("--profile-out", default="", help="also profile one generation per variant (bench/gpu_profile.py)")
     ap.add_argument("--trace-dir", default="", help="with --profile-out: chrome traces (.json.gz) here")
     ap.add_argument("--skip-flops", action="store_true", help="do not count FLOPs (saves one eager generation)")
+    ap.add_argument("--kernel-config", default="", help="a JSON file of launch parameters for zimage/kernels.py "
+                    "(bench/kernels.py writes the fastest as best_config)")
     args = ap.parse_args(argv)
+    if args.kernel_config:
+        from zimage import kernels
+
+        config = json.loads(Path(args.kernel_config).read_text())
+        for name, params in config.get("best_config", config).items():
+            kernels.CONFIG[name].update(params)
+        print(f"kernel launch parameters: {kernels.CONFIG}", flush=True)
     out = Path(args.out)
     results, flops_cache, reference, services, profiles = [], {}, {}, [], []
     for spec in args.variants.split(","):

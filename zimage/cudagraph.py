@@ -51,7 +51,8 @@ class GraphedBlocks(torch.nn.ModuleList):
         super().__init__(list(layers))
         self.graphs: collections.OrderedDict = collections.OrderedDict()
         self.max_graphs = max_graphs
-        self.enabled = True
+        self.enabled = True  # CUDA graphs (switch block_graphs)
+        self.kernels = None  # a fastblocks.Schedule: the blocks on hand-scheduled kernels (switch block_kernels)
         self.captures = 0
         self.replays = 0
         self._pool = None
@@ -62,20 +63,24 @@ class GraphedBlocks(torch.nn.ModuleList):
 
     # diffusers iterates the blocks; during graphed inference it gets a single runner instead.
     def __iter__(self):
-        if self._use_graphs():
+        if self._use_runner():
             return iter([self._run])
         return super().__iter__()
 
-    def _use_graphs(self) -> bool:
-        return self.enabled and not self._runner_active and _graphs_allowed()
+    def _use_runner(self) -> bool:
+        return (self.enabled or self.kernels is not None) and not self._runner_active and _graphs_allowed()
 
     def _loop(self, x, mask, freqs, adaln, noise_mask=None, t_noisy=None, t_clean=None):
+        if self.kernels is not None and mask is None and noise_mask is None:
+            out = self.kernels.run(list(super().__iter__()), x, freqs, adaln)
+            if out is not None:
+                return out
         for block in super().__iter__():
             x = block(x, mask, freqs, adaln, noise_mask, t_noisy, t_clean)
         return x
 
     def _run(self, x, mask, freqs, adaln=None, noise_mask=None, t_noisy=None, t_clean=None):
-        if mask is not None or noise_mask is not None or adaln is None or not x.is_cuda:
+        if not self.enabled or mask is not None or noise_mask is not None or adaln is None or not x.is_cuda:
             return self._loop(x, mask, freqs, adaln, noise_mask, t_noisy, t_clean)
         key = (tuple(x.shape), x.dtype, tuple(freqs.shape), freqs.dtype, tuple(adaln.shape), adaln.dtype, x.device,
                *(part() for part in self.key_parts))

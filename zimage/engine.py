@@ -232,7 +232,7 @@ class Engine:
                     speed.compile_text_encoder(pipe.text_encoder)
             encoder_compiled = self.settings.compile_enabled() and not self.placement.profile.text_encoder_streamed
             self.speed_switches = speed.apply_switches(pipe, self.device, self.compiled, self.placement.profile.name,
-                                                       encoder_compiled=encoder_compiled)
+                                                       encoder_compiled=encoder_compiled, fused=bool(fused))
             if fused:
                 from . import fusion  # imports diffusers, as loading did by now
 

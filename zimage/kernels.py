@@ -1,4 +1,21 @@
-"""A hand-written Triton kernel for the SwiGLU of every fp8 FFN, fused with the quantization of its output.
+"""Hand-written Triton kernels for the DiT block's non-GEMM work, each with the PyTorch reference it must equal.
+
+Two users: the SwiGLU + fp8 quantization op below (`zimage::swiglu_quant`, called from the compiled FFN when the
+`fused_kernels` switch is on), and the block schedule of fastblocks.py (switch `block_kernels`), which runs the
+main blocks on these kernels and the GEMMs without Inductor:
+
+    residual_norm   x + tanh(gate) * RMSNorm(branch) (the residual), then RMSNorm(x) * (1 + scale) quantized to
+                    e4m3 per row for the next GEMM (or bf16); either half alone too. One read of each row.
+    qk_norm_rope    the q and k heads of the fused q/k/v GEMM's output: per-head RMSNorm, then RoPE, written as
+                    (2, rows, dim) bf16 -- q and k in the (B, S, H, D) layout attention reads.
+    quantize_heads  the attention output (B, S, H, D), any strides, quantized per row for to_out's fp8 GEMM.
+    swiglu          silu(h1) * h3 of the fused w1/w3 output, quantized per row (or bf16).
+
+The references compute in float32 and round only what they store; the kernels do the same, so they agree to
+float32 rounding (tests/test_kernels.py, through Triton's interpreter on the CPU where Triton is installed;
+bench/kernels.py on the GPU). The references are what a CPU runs.
+
+The SwiGLU op in detail:
 
 Measured on the H100 (2026-11-25, Standard 1024^2, fp8; bench/kernels.py and bench/latency.py): Inductor's kernel
 for `quantize_rows(silu(h1) * h3)` -- w2's fp8 input -- took 148 us a call (38 ms a generation, 8 steps x 34
@@ -27,15 +44,163 @@ shape); Inductor's own kernel for it stays.
 from __future__ import annotations
 
 import functools
+import types
 
 import torch
 import torch.nn.functional as F
 
 from . import fp8
 
+# Launch parameters per kernel, measured on the H100 (bench/kernels.py sweeps them); a module-level table so the
+# benchmark can try others.
+CONFIG = {
+    "residual_norm": {"num_warps": 8},
+    "qk_norm_rope": {"rows": 32, "heads": 6, "num_warps": 4},
+    "quantize_heads": {"num_warps": 4},
+    "swiglu": {"num_warps": 16},
+}
+
+
+def available(device) -> bool:
+    """The Triton kernels can run for tensors on `device` (a CUDA device and an importable Triton)."""
+    if torch.device(device).type != "cuda":
+        return False
+    try:
+        _triton()
+    except ImportError:
+        return False
+    return True
+
+
+def _use_triton(*tensors: torch.Tensor) -> bool:
+    return all(t.is_cuda for t in tensors) or _interpreting()
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ---- residual + RMSNorm + modulation (+ fp8) -----------------------------------------------------------------
+def residual_norm(x: torch.Tensor, seq: int, eps: float, branch=None, branch_weight=None, gate=None,
+                  weight=None, scale=None, quant: bool = False):
+    """On rows x (B*S, D) of a sequence of length `seq`:
+
+        x' = x + tanh(gate) * RMSNorm(branch) * branch_weight          (if `branch` is given; else x' = x)
+        y  = RMSNorm(x') * weight * (1 + scale)                         (if `weight` is given)
+
+    gate and scale are (B, D) rows (any row stride, unit last stride): the block's adaLN modulation. Returns
+    (x' or None, y, y_scale): y as e4m3 with per-row float32 scales (rows, 1) when `quant`, else in x's dtype
+    with y_scale None; y and y_scale are None without `weight`."""
+    if not _use_triton(x):
+        return residual_norm_reference(x, seq, eps, branch, branch_weight, gate, weight, scale, quant)
+    rows, n = x.shape
+    has_branch, has_norm = branch is not None, weight is not None
+    x_out = torch.empty_like(x) if has_branch else None
+    y = torch.empty((rows, n), dtype=fp8.E4M3 if quant else x.dtype, device=x.device) if has_norm else None
+    y_scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device) if has_norm and quant else None
+    t = _triton()
+    dummy = x
+    t.residual_norm_kernel[(rows,)](
+        x, branch if has_branch else dummy, x_out if has_branch else dummy,
+        branch_weight if has_branch else dummy, gate if has_branch else dummy,
+        gate.stride(0) if has_branch else 0,
+        weight if has_norm else dummy, scale if has_norm else dummy, scale.stride(0) if has_norm else 0,
+        y if has_norm else dummy, y_scale if y_scale is not None else dummy,
+        seq, n, eps, fp8.E4M3_MAX, fp8._TINY,
+        HAS_BRANCH=has_branch, HAS_NORM=has_norm, QUANT=quant, BLOCK=t.triton.next_power_of_2(n),
+        **CONFIG["residual_norm"])
+    return x_out, y, y_scale
+
+
+def _rms(v: torch.Tensor, eps: float) -> torch.Tensor:
+    return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def residual_norm_reference(x, seq, eps, branch=None, branch_weight=None, gate=None, weight=None, scale=None,
+                            quant=False):
+    xf, x_out, y, y_scale = x.float(), None, None, None
+    if branch is not None:
+        g = torch.tanh(gate.float()).repeat_interleave(seq, dim=0)
+        x_out = (xf + g * _rms(branch.float(), eps) * branch_weight.float()).to(x.dtype)
+        xf = x_out.float()
+    if weight is not None:
+        y = _rms(xf, eps) * weight.float() * (1.0 + scale.float()).repeat_interleave(seq, dim=0)
+        y, y_scale = fp8.quantize_rows(y) if quant else (y.to(x.dtype), None)
+    return x_out, y, y_scale
+
+
+# ---- q/k RMSNorm + RoPE ------------------------------------------------------------------------------------
+def qk_norm_rope(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, freqs: torch.Tensor,
+                 heads: int, eps: float) -> torch.Tensor:
+    """qkv (rows, 3 * dim) (the fused q/k/v GEMM's output; q first, then k, v), freqs (rows, head_dim) float32 as
+    (cos, sin) pairs (fastattn's real table). Returns (2, rows, dim): RoPE(RMSNorm_head(q) * q_weight), the same for
+    k -- what diffusers' processor computes before attention, in float32, rounded once."""
+    if not _use_triton(qkv):
+        return qk_norm_rope_reference(qkv, q_weight, k_weight, freqs, heads, eps)
+    rows, dim = qkv.shape[0], qkv.shape[1] // 3
+    head = dim // heads
+    out = torch.empty((2, rows, dim), dtype=qkv.dtype, device=qkv.device)
+    t, cfg = _triton(), CONFIG["qk_norm_rope"]
+    per = min(cfg["heads"], heads)
+    grid = (t.triton.cdiv(rows, cfg["rows"]), 2, t.triton.cdiv(heads, per))
+    t.qk_norm_rope_kernel[grid](qkv, qkv.stride(0), out, q_weight, k_weight, freqs, rows, dim, heads, eps,
+                                HEAD=head, ROWS=cfg["rows"], PER=per, num_warps=cfg["num_warps"])
+    return out
+
+
+def qk_norm_rope_reference(qkv, q_weight, k_weight, freqs, heads, eps):
+    rows, dim = qkv.shape[0], qkv.shape[1] // 3
+    cos, sin = freqs.float().unflatten(-1, (-1, 2)).unbind(-1)  # (rows, head/2)
+    outs = []
+    for part, weight in ((qkv[:, :dim], q_weight), (qkv[:, dim:2 * dim], k_weight)):
+        v = _rms(part.float().unflatten(-1, (heads, -1)), eps) * weight.float()
+        v0, v1 = v.unflatten(-1, (-1, 2)).unbind(-1)  # (rows, heads, head/2)
+        c, s = cos[:, None], sin[:, None]
+        outs.append(torch.stack((v0 * c - v1 * s, v0 * s + v1 * c), dim=-1).reshape(rows, dim))
+    return torch.stack(outs).to(qkv.dtype)
+
+
+# ---- attention output -> fp8 ----------------------------------------------------------------------------------
+def quantize_heads(o: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """o (B, S, H, D) with unit last stride (attention's output, whatever its layout) -> (B*S, H*D) e4m3 and
+    (B*S, 1) float32 row scales, as fp8.quantize_rows of o.reshape(B*S, H*D)."""
+    if not _use_triton(o):
+        return fp8.quantize_rows(o.reshape(o.shape[0] * o.shape[1], -1))
+    b, s, h, d = o.shape
+    q = torch.empty((b * s, h * d), dtype=fp8.E4M3, device=o.device)
+    scale = torch.empty((b * s, 1), dtype=torch.float32, device=o.device)
+    t = _triton()
+    t.quantize_heads_kernel[(b * s,)](o, o.stride(0), o.stride(1), o.stride(2), q, scale, s, h, fp8.E4M3_MAX,
+                                      fp8._TINY, HEAD=d, HEADS=t.triton.next_power_of_2(h), **CONFIG["quantize_heads"])
+    return q, scale
+
+
+# ---- SwiGLU (+ fp8) ---------------------------------------------------------------------------------------------
+def swiglu(h: torch.Tensor, quant: bool = True):
+    """h (rows, 2N) = [w1 x | w3 x] -> silu(h1) * h3: (e4m3 (rows, N), float32 (rows, 1)) when `quant`, else
+    (h's dtype (rows, N), None)."""
+    if not (_use_triton(h) and h.stride(-1) == 1):
+        return swiglu_reference(h, quant)
+    rows, n = h.shape[0], h.shape[1] // 2
+    y = torch.empty((rows, n), dtype=fp8.E4M3 if quant else h.dtype, device=h.device)
+    scale = torch.empty((rows, 1), dtype=torch.float32, device=h.device) if quant else None
+    t = _triton()
+    t.swiglu_kernel[(rows,)](h, y, scale if quant else h, h.stride(0), n, fp8.E4M3_MAX, fp8._TINY,
+                             QUANT=quant, ROUND=False, BLOCK=t.triton.next_power_of_2(n), **CONFIG["swiglu"])
+    return y, scale
+
+
+def swiglu_reference(h: torch.Tensor, quant: bool = True):
+    h1, h3 = h.float().chunk(2, dim=-1)
+    y = F.silu(h1) * h3
+    return fp8.quantize_rows(y) if quant else (y.to(h.dtype), None)
+
 
 def swiglu_quant_reference(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """h (..., 2N) = [w1 x | w3 x] -> fp8.quantize_rows(silu(h1) * h3) over rows of N: e4m3 (rows, N), scales (rows, 1)."""
+    """h (..., 2N) = [w1 x | w3 x] -> fp8.quantize_rows(silu(h1) * h3) over rows of N, with the bf16 roundings of
+    the eager FFN it replaces: e4m3 (rows, N), scales (rows, 1)."""
     h1, h3 = h.chunk(2, dim=-1)
     q, scale = fp8.quantize_rows((F.silu(h1) * h3).reshape(-1, h1.shape[-1]))
     return q.contiguous(), scale.contiguous()
@@ -53,39 +218,119 @@ def swiglu_quant(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     bf16 CUDA input with a unit last stride; the reference for anything else."""
     if not (h.is_cuda and h.dtype == torch.bfloat16 and h.stride(-1) == 1):
         return swiglu_quant_reference(h)
-    triton, kernel = _triton_kernel()
     n = h.shape[-1] // 2
     rows = h.numel() // h.shape[-1]
     h2 = h.reshape(rows, 2 * n)
     q = torch.empty((rows, n), dtype=fp8.E4M3, device=h.device)
     scale = torch.empty((rows, 1), dtype=torch.float32, device=h.device)
-    block = triton.next_power_of_2(n)
-    kernel[(rows,)](h2, q, scale, h2.stride(0), n, fp8.E4M3_MAX, fp8._TINY, BLOCK=block,
-                    num_warps=16 if block >= 8192 else 8 if block >= 2048 else 4)
+    t = _triton()
+    block = t.triton.next_power_of_2(n)
+    t.swiglu_kernel[(rows,)](h2, q, scale, h2.stride(0), n, fp8.E4M3_MAX, fp8._TINY, QUANT=True, ROUND=True,
+                             BLOCK=block, num_warps=16 if block >= 8192 else 8 if block >= 2048 else 4)
     return q, scale
 
 
 swiglu_quant.register_fake(_fake)
 
 
+# ---- the Triton kernels ---------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=1)
-def _triton_kernel():
-    """Triton is imported on first CUDA use only (CPU installs have none)."""
+def _triton():
+    """Triton is imported on first use only (CPU installs have none)."""
     import triton
     import triton.language as tl
 
     @triton.jit
-    def swiglu_quant_kernel(h_ptr, q_ptr, scale_ptr, stride_h, n, fp8_max, tiny, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
+    def residual_norm_kernel(x_ptr, branch_ptr, x_out_ptr, branch_w_ptr, gate_ptr, gate_stride, w_ptr, scale_ptr,
+                             scale_stride, y_ptr, y_scale_ptr, seq, n, eps, fp8_max, tiny,
+                             HAS_BRANCH: tl.constexpr, HAS_NORM: tl.constexpr, QUANT: tl.constexpr,
+                             BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        b = row // seq
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n
+        x = tl.load(x_ptr + row * n + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BRANCH:
+            a = tl.load(branch_ptr + row * n + cols, mask=mask, other=0.0).to(tl.float32)
+            a = a * tl.rsqrt(tl.sum(a * a, axis=0) / n + eps)
+            a = a * tl.load(branch_w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(gate_ptr + b * gate_stride + cols, mask=mask, other=0.0).to(tl.float32)
+            g = 1.0 - 2.0 / (tl.exp(2.0 * g) + 1.0)  # tanh
+            x = (x + g * a).to(x_out_ptr.dtype.element_ty)
+            tl.store(x_out_ptr + row * n + cols, x, mask=mask)
+            x = x.to(tl.float32)
+        if HAS_NORM:
+            y = x * tl.rsqrt(tl.sum(x * x, axis=0) / n + eps)
+            y = y * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            y = y * (1.0 + tl.load(scale_ptr + b * scale_stride + cols, mask=mask, other=0.0).to(tl.float32))
+            if QUANT:
+                s = tl.maximum(tl.max(tl.abs(y), axis=0), tiny) / fp8_max
+                q = tl.minimum(tl.maximum(y / s, -fp8_max), fp8_max)
+                tl.store(y_ptr + row * n + cols, q.to(y_ptr.dtype.element_ty), mask=mask)
+                tl.store(y_scale_ptr + row, s)
+            else:
+                tl.store(y_ptr + row * n + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def qk_norm_rope_kernel(qkv_ptr, qkv_stride, out_ptr, q_w_ptr, k_w_ptr, freqs_ptr, rows, dim, heads, eps,
+                            HEAD: tl.constexpr, ROWS: tl.constexpr, PER: tl.constexpr):
+        which = tl.program_id(1)  # 0: q, 1: k
+        r = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
+        rmask = (r < rows)[:, None]
+        d = tl.arange(0, HEAD)
+        f = tl.load(freqs_ptr + r[:, None] * HEAD + d[None, :], mask=rmask, other=0.0)
+        cos, sin = tl.split(tl.reshape(f, (ROWS, HEAD // 2, 2)))
+        w = tl.load(q_w_ptr + d).to(tl.float32) * (1 - which) + tl.load(k_w_ptr + d).to(tl.float32) * which
+        src = qkv_ptr + r[:, None] * qkv_stride + which * dim + d[None, :]
+        dst = out_ptr + which * rows * dim + r[:, None] * dim + d[None, :]
+        first = tl.program_id(2) * PER
+        for i in range(PER):
+            h = first + i
+            if h < heads:
+                v = tl.load(src + h * HEAD, mask=rmask, other=0.0).to(tl.float32)
+                v = v * tl.rsqrt(tl.sum(v * v, axis=1) / HEAD + eps)[:, None] * w[None, :]
+                v0, v1 = tl.split(tl.reshape(v, (ROWS, HEAD // 2, 2)))
+                o = tl.reshape(tl.join(v0 * cos - v1 * sin, v0 * sin + v1 * cos), (ROWS, HEAD))
+                tl.store(dst + h * HEAD, o.to(out_ptr.dtype.element_ty), mask=rmask)
+
+    @triton.jit
+    def quantize_heads_kernel(o_ptr, stride_b, stride_s, stride_h, q_ptr, scale_ptr, seq, heads, fp8_max, tiny,
+                              HEAD: tl.constexpr, HEADS: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        b, s = row // seq, row % seq
+        h = tl.arange(0, HEADS)
+        d = tl.arange(0, HEAD)
+        mask = (h < heads)[:, None]
+        v = tl.load(o_ptr + b * stride_b + s * stride_s + h[:, None] * stride_h + d[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        sc = tl.maximum(tl.max(tl.max(tl.abs(v), axis=1), axis=0), tiny) / fp8_max
+        q = tl.minimum(tl.maximum(v / sc, -fp8_max), fp8_max)
+        tl.store(q_ptr + row * heads * HEAD + h[:, None] * HEAD + d[None, :], q.to(q_ptr.dtype.element_ty),
+                 mask=mask)
+        tl.store(scale_ptr + row, sc)
+
+    @triton.jit
+    def swiglu_kernel(h_ptr, y_ptr, scale_ptr, stride_h, n, fp8_max, tiny, QUANT: tl.constexpr,
+                      ROUND: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n
         a = tl.load(h_ptr + row * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(h_ptr + row * stride_h + n + cols, mask=mask, other=0.0).to(tl.float32)
-        silu = (a / (1.0 + tl.exp(-a))).to(tl.bfloat16).to(tl.float32)  # F.silu in bf16 rounds its output
-        y = (silu * g).to(tl.bfloat16).to(tl.float32)  # so does the product
-        scale = tl.maximum(tl.max(tl.abs(y), axis=0), tiny) / fp8_max
-        q = tl.minimum(tl.maximum(y / scale, -fp8_max), fp8_max)
-        tl.store(q_ptr + row * n + cols, q.to(tl.float8e4nv), mask=mask)
-        tl.store(scale_ptr + row, scale)
+        silu = a / (1.0 + tl.exp(-a))
+        if ROUND:  # the eager FFN's bf16 roundings (swiglu_quant reproduces them code for code)
+            silu = silu.to(tl.bfloat16).to(tl.float32)
+        y = silu * g
+        if ROUND:
+            y = y.to(tl.bfloat16).to(tl.float32)
+        if QUANT:
+            s = tl.maximum(tl.max(tl.abs(y), axis=0), tiny) / fp8_max
+            q = tl.minimum(tl.maximum(y / s, -fp8_max), fp8_max)
+            tl.store(y_ptr + row * n + cols, q.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.store(scale_ptr + row, s)
+        else:
+            tl.store(y_ptr + row * n + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
 
-    return triton, swiglu_quant_kernel
+    return types.SimpleNamespace(triton=triton, residual_norm_kernel=residual_norm_kernel,
+                                 qk_norm_rope_kernel=qk_norm_rope_kernel, quantize_heads_kernel=quantize_heads_kernel,
+                                 swiglu_kernel=swiglu_kernel)

@@ -39,6 +39,8 @@ class Switches:
     vae_split_norm  the compiled decoder's GroupNorms with two-step statistics (groupnorm.py); with vae_compile
     fused_projections  q/k/v and w1/w3 as one GEMM each over a shared weight (fusion.py); a transformer that
                 stays resident (not the streamed 12gb profile)
+    block_kernels  the main blocks scheduled by hand on Triton kernels + the GEMMs, without Inductor (fastblocks.py);
+                CUDA with Triton, fused projections; any memory profile whose transformer stays resident
     Defaults (measured, H100 2026-11-24, bf16): real_rope on (-3.2 ms/step), vae_compile on (decode 108 -> 45 ms),
     block_graphs off (bf16 0.916 vs 0.914 s with the graphs off in the same engine: kernel-bound; fp8 2026-11-25:
     0.648 s alone, 0.640 s with fused_kernels, restart not measured). 2026-11-25, fp8: vae_split_norm on (decode
@@ -55,6 +57,8 @@ class Switches:
     # kernels idled the GPU as long (H100 2026-11-25: 74.3 ms/step with and without); for block_graphs experiments.
     fused_kernels: bool = False
     fused_projections: bool = True  # predicted fp8 -1.5 ms/step; measured -0.2 (GEMMs already at the fp8 floor)
+    # predicted (H100, Standard, fp8): the block's norm/RoPE/quantization kernels 14 -> ~7 ms/step
+    block_kernels: bool = True
     precompile: bool = True  # predicted: fp8 restart 66.8 -> <= 40 s (CPU tiny: first warm-up shape 6.2 -> 0.9 s)
 
     @classmethod
@@ -280,11 +284,12 @@ def compile_vae_decoder(vae, split_norm: bool = False) -> None:
 
 
 def apply_switches(pipe, device: str, compiled: bool, profile: str, sw: Switches | None = None,
-                   encoder_compiled: bool = False) -> list[str]:
-    """The switches that act after compile was set up (VAE compile, block and encoder graphs). Returns what was
-    applied, for the log and describe(). Real RoPE is applied with the attention backend (apply_attention_backend).
-    `encoder_compiled`: the text encoder's layers are compiled and it stays on the GPU (not streamed)."""
-    from . import cudagraph
+                   encoder_compiled: bool = False, fused: bool = False) -> list[str]:
+    """The switches that act after compile was set up (VAE compile, block kernels and graphs, encoder graphs).
+    Returns what was applied, for the log and describe(). Real RoPE is applied with the attention backend
+    (apply_attention_backend). `encoder_compiled`: the text encoder's layers are compiled and it stays on the GPU
+    (not streamed). `fused`: the transformer's projections are fused (fuse_projections)."""
+    from . import cudagraph, kernels
 
     sw = sw or switches()
     applied = []
@@ -295,9 +300,18 @@ def apply_switches(pipe, device: str, compiled: bool, profile: str, sw: Switches
         applied.append("vae_compile")
         if sw.vae_split_norm:
             applied.append("vae_split_norm")
-    if sw.block_graphs and compiled and on_gpu and profile == "full":
-        cudagraph.install(pipe.transformer)
-        applied.append("block_graphs")
+    block_kernels = sw.block_kernels and fused and on_gpu and kernels.available(device)
+    block_graphs = sw.block_graphs and compiled and on_gpu and profile == "full"
+    if block_kernels or block_graphs:
+        from . import fastblocks
+
+        blocks = cudagraph.install(pipe.transformer)
+        blocks.enabled = block_graphs
+        if block_kernels:
+            blocks.kernels = fastblocks.Schedule()
+            applied.append("block_kernels")
+        if block_graphs:
+            applied.append("block_graphs")
     if sw.encoder_graphs and encoder_compiled and on_gpu:
         cudagraph.install_text_encoder(pipe.text_encoder)
         applied.append("encoder_graphs")
