@@ -51,13 +51,13 @@ import torch.nn.functional as F
 
 from . import fp8
 
-# Launch parameters per kernel, measured on the H100 (bench/kernels.py sweeps them); a module-level table so the
-# benchmark can try others.
+# Launch parameters per kernel: the fastest of bench/kernels.py --sweep on the H100 (2026-11-25); a module-level
+# table so the benchmark can try others.
 CONFIG = {
-    "residual_norm": {"num_warps": 8},
-    "qk_norm_rope": {"rows": 32, "heads": 6, "num_warps": 4},
+    "residual_norm": {"rows": 1, "num_warps": 4},
+    "qk_norm_rope": {"rows": 16, "heads": 1, "num_warps": 4},
     "quantize_heads": {"num_warps": 4},
-    "swiglu": {"num_warps": 16},
+    "swiglu": {"num_warps": 32},
 }
 
 
@@ -100,17 +100,17 @@ def residual_norm(x: torch.Tensor, seq: int, eps: float, branch=None, branch_wei
     x_out = torch.empty_like(x) if has_branch else None
     y = torch.empty((rows, n), dtype=fp8.E4M3 if quant else x.dtype, device=x.device) if has_norm else None
     y_scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device) if has_norm and quant else None
-    t = _triton()
+    t, cfg = _triton(), CONFIG["residual_norm"]
     dummy = x
-    t.residual_norm_kernel[(rows,)](
+    t.residual_norm_kernel[(t.triton.cdiv(rows, cfg["rows"]),)](
         x, branch if has_branch else dummy, x_out if has_branch else dummy,
         branch_weight if has_branch else dummy, gate if has_branch else dummy,
         gate.stride(0) if has_branch else 0,
         weight if has_norm else dummy, scale if has_norm else dummy, scale.stride(0) if has_norm else 0,
         y if has_norm else dummy, y_scale if y_scale is not None else dummy,
-        seq, n, eps, fp8.E4M3_MAX, fp8._TINY,
-        HAS_BRANCH=has_branch, HAS_NORM=has_norm, QUANT=quant, BLOCK=t.triton.next_power_of_2(n),
-        **CONFIG["residual_norm"])
+        rows, seq, n, eps, fp8.E4M3_MAX, fp8._TINY,
+        HAS_BRANCH=has_branch, HAS_NORM=has_norm, QUANT=quant, ROWS=cfg["rows"], BLOCK=t.triton.next_power_of_2(n),
+        num_warps=cfg["num_warps"])
     return x_out, y, y_scale
 
 
@@ -242,34 +242,35 @@ def _triton():
 
     @triton.jit
     def residual_norm_kernel(x_ptr, branch_ptr, x_out_ptr, branch_w_ptr, gate_ptr, gate_stride, w_ptr, scale_ptr,
-                             scale_stride, y_ptr, y_scale_ptr, seq, n, eps, fp8_max, tiny,
+                             scale_stride, y_ptr, y_scale_ptr, rows, seq, n, eps, fp8_max, tiny,
                              HAS_BRANCH: tl.constexpr, HAS_NORM: tl.constexpr, QUANT: tl.constexpr,
-                             BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        b = row // seq
+                             ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        r = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
+        b = (r // seq)[:, None]
         cols = tl.arange(0, BLOCK)
-        mask = cols < n
-        x = tl.load(x_ptr + row * n + cols, mask=mask, other=0.0).to(tl.float32)
+        mask = (r < rows)[:, None] & (cols < n)[None, :]
+        offsets = r[:, None] * n + cols[None, :]
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         if HAS_BRANCH:
-            a = tl.load(branch_ptr + row * n + cols, mask=mask, other=0.0).to(tl.float32)
-            a = a * tl.rsqrt(tl.sum(a * a, axis=0) / n + eps)
-            a = a * tl.load(branch_w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            g = tl.load(gate_ptr + b * gate_stride + cols, mask=mask, other=0.0).to(tl.float32)
+            a = tl.load(branch_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            a = a * tl.rsqrt(tl.sum(a * a, axis=1) / n + eps)[:, None]
+            a = a * tl.load(branch_w_ptr + cols, mask=cols < n, other=0.0).to(tl.float32)[None, :]
+            g = tl.load(gate_ptr + b * gate_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             g = 1.0 - 2.0 / (tl.exp(2.0 * g) + 1.0)  # tanh
             x = (x + g * a).to(x_out_ptr.dtype.element_ty)
-            tl.store(x_out_ptr + row * n + cols, x, mask=mask)
+            tl.store(x_out_ptr + offsets, x, mask=mask)
             x = x.to(tl.float32)
         if HAS_NORM:
-            y = x * tl.rsqrt(tl.sum(x * x, axis=0) / n + eps)
-            y = y * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            y = y * (1.0 + tl.load(scale_ptr + b * scale_stride + cols, mask=mask, other=0.0).to(tl.float32))
+            y = x * tl.rsqrt(tl.sum(x * x, axis=1) / n + eps)[:, None]
+            y = y * tl.load(w_ptr + cols, mask=cols < n, other=0.0).to(tl.float32)[None, :]
+            y = y * (1.0 + tl.load(scale_ptr + b * scale_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32))
             if QUANT:
-                s = tl.maximum(tl.max(tl.abs(y), axis=0), tiny) / fp8_max
-                q = tl.minimum(tl.maximum(y / s, -fp8_max), fp8_max)
-                tl.store(y_ptr + row * n + cols, q.to(y_ptr.dtype.element_ty), mask=mask)
-                tl.store(y_scale_ptr + row, s)
+                s = tl.maximum(tl.max(tl.abs(y), axis=1), tiny) / fp8_max
+                q = tl.minimum(tl.maximum(y / s[:, None], -fp8_max), fp8_max)
+                tl.store(y_ptr + offsets, q.to(y_ptr.dtype.element_ty), mask=mask)
+                tl.store(y_scale_ptr + r, s, mask=r < rows)
             else:
-                tl.store(y_ptr + row * n + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+                tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def qk_norm_rope_kernel(qkv_ptr, qkv_stride, out_ptr, q_w_ptr, k_w_ptr, freqs_ptr, rows, dim, heads, eps,
