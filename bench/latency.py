@@ -133,6 +133,36 @@ def run(engine: Engine, request: GenerationRequest, keep_latents: bool = False):
     return engine.generate(dataclasses.replace(job, keep_latents=keep_latents))
 
 
+def host_syncs(engine: Engine, request: GenerationRequest) -> list[dict]:
+    """Where one generation makes the host wait for the GPU: torch's sync debug mode warns at every synchronizing
+    call; each is reported once with its count and the innermost project/diffusers frames that made it."""
+    import traceback
+    import warnings
+
+    found: dict = {}
+
+    def note(message, category, filename, lineno, file=None, line=None):
+        frames = [f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in traceback.extract_stack()[:-1]
+                  if ("zimage" in f.filename or "diffusers" in f.filename or "bench" in f.filename)]
+        key = (str(message).splitlines()[0][:120], tuple(frames[-4:]))
+        found[key] = found.get(key, 0) + 1
+
+    shown = warnings.showwarning
+    warnings.showwarning = note
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = note
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                run(engine, request)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    finally:
+        warnings.showwarning = shown
+    return [{"count": n, "message": m, "where": list(w)} for (m, w), n in sorted(found.items(), key=lambda i: -i[1])]
+
+
 def compile_stats() -> dict:
     """Dynamo/AOT/Inductor counters and phase times so far in this process (where compile time goes)."""
     try:
@@ -217,6 +247,7 @@ def run_variant(args, spec: str, flops_cache: dict, reference: dict, results: li
             nobk = {k: round(x, 4) for k, x in summarize(nobk_walls).items()}
             nobk["per_step_ms"] = round(1000 * statistics.median(r.timings["denoise"] for r in nobk_rows)
                                         / nobk_rows[0].steps, 1)
+        syncs = host_syncs(engine, request) if args.sync_debug and torch.cuda.is_available() else None
         png = []
         for r in rows[:3]:
             t = time.perf_counter()
@@ -247,7 +278,7 @@ def run_variant(args, spec: str, flops_cache: dict, reference: dict, results: li
             "achieved_tflops": round(flops / e2e["median"] / 1e12, 1),
             "floor_s_at_bf16_peak": round(flops / (BF16_PEAK_TFLOPS * 1e12), 4),
             "describe": engine.describe(), "compile_stats": compiled_stats, "e2e_s_graphs_off": nocg,
-            "e2e_s_block_kernels_off": nobk,
+            "e2e_s_block_kernels_off": nobk, "host_syncs": syncs,
             "graphs": ({"captures": graphed.captures, "replays": graphed.replays} if hasattr(graphed, "captures")
                        else None),
             "nonfinite": any("non-finite" in w for r in rows + [first] for w in r.warnings)
@@ -386,6 +417,7 @@ def main(argv=None) -> int:
     ap.add_argument("--profile-out", default="", help="also profile one generation per variant (bench/gpu_profile.py)")
     ap.add_argument("--trace-dir", default="", help="with --profile-out: chrome traces (.json.gz) here")
     ap.add_argument("--skip-flops", action="store_true", help="do not count FLOPs (saves one eager generation)")
+    ap.add_argument("--sync-debug", action="store_true", help="also list where one generation waits for the GPU")
     ap.add_argument("--kernel-config", default="", help="a JSON file of launch parameters for zimage/kernels.py "
                     "(bench/kernels.py writes the fastest as best_config)")
     args = ap.parse_args(argv)
