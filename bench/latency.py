@@ -8,7 +8,7 @@ A variant is '+'-joined tokens:
         (max-autotune-no-cudagraphs)
     native | cudnn | flash | efficient | fa3 | fa2     attention backend (diffusers names _native_cudnn, ...)
     fa4        FlashAttention-4 through the project's processor (zimage/fastattn.py)
-    rope / norope, vaec / novaec, cg / nocg, encg / noencg, gn / nogn, fuse / nofuse, kern / nokern, bk / nobk    speed
+    rope / norope, vaec / novaec, cg / nocg, encg / noencg, gn / nogn, fuse / nofuse, kern / nokern, bk / nobk, sg / nosg    speed
                switches (zimage/speed.py Switches: real_rope, vae_compile, block_graphs, encoder_graphs,
                vae_split_norm, fused_projections, fused_kernels); unnamed switches keep their defaults
                (ZIMAGE_SPEED for the process)
@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from zimage import images, speed  # noqa: E402
+from zimage import cudagraph, images, speed  # noqa: E402
 from zimage.engine import Engine  # noqa: E402
 from zimage.presets import ASPECTS, TIERS  # noqa: E402
 from zimage.request import GenerationRequest, edit_steps  # noqa: E402
@@ -58,7 +58,7 @@ ATTENTION = {"native": "native", "cudnn": "_native_cudnn", "flash": "_native_fla
              "fa3": "_flash_3", "fa2": "flash", "fa4": "fa4"}
 SWITCH_TOKENS = {"rope": "real_rope", "vaec": "vae_compile", "cg": "block_graphs", "encg": "encoder_graphs",
                  "gn": "vae_split_norm", "fuse": "fused_projections", "kern": "fused_kernels",
-                 "bk": "block_kernels"}
+                 "bk": "block_kernels", "sg": "step_graphs"}
 
 
 def parse_variant(spec: str) -> dict:
@@ -232,10 +232,20 @@ def run_variant(args, spec: str, flops_cache: dict, reference: dict, results: li
                 nocg_walls.append(time.perf_counter() - t)
             graphed.enabled = True
             nocg = {k: round(x, 4) for k, x in summarize(nocg_walls).items()}
+        step_graphs = cudagraph.transformer_graphs(engine.pipeline.transformer)
+        nosg = None
+        if step_graphs is not None and step_graphs.enabled:  # sg: the same engine with the step graphs off (A/B)
+            step_graphs.enabled = False
+            nosg_walls = []
+            for i in range(args.runs):
+                t = time.perf_counter()
+                run(engine, request_for(v, tier, aspect, 1234 + i))
+                nosg_walls.append(time.perf_counter() - t)
+            nosg = {k: round(x, 4) for k, x in summarize(nosg_walls).items()}
         nobk = None
         if getattr(graphed, "kernels", None) is not None and not graphed.enabled:
-            # bk: the same engine with the main blocks compiled by Inductor instead (A/B); one untimed generation
-            # compiles them first.
+            # bk: the same engine with the main blocks compiled by Inductor instead (A/B; step graphs off too); one
+            # untimed generation compiles them first.
             schedule, graphed.kernels = graphed.kernels, None
             run(engine, request_for(v, tier, aspect, 1234))
             nobk_walls, nobk_rows = [], []
@@ -247,6 +257,8 @@ def run_variant(args, spec: str, flops_cache: dict, reference: dict, results: li
             nobk = {k: round(x, 4) for k, x in summarize(nobk_walls).items()}
             nobk["per_step_ms"] = round(1000 * statistics.median(r.timings["denoise"] for r in nobk_rows)
                                         / nobk_rows[0].steps, 1)
+        if step_graphs is not None and nosg is not None:
+            step_graphs.enabled = True
         syncs = host_syncs(engine, request) if args.sync_debug and torch.cuda.is_available() else None
         png = []
         for r in rows[:3]:
@@ -278,7 +290,9 @@ def run_variant(args, spec: str, flops_cache: dict, reference: dict, results: li
             "achieved_tflops": round(flops / e2e["median"] / 1e12, 1),
             "floor_s_at_bf16_peak": round(flops / (BF16_PEAK_TFLOPS * 1e12), 4),
             "describe": engine.describe(), "compile_stats": compiled_stats, "e2e_s_graphs_off": nocg,
-            "e2e_s_block_kernels_off": nobk, "host_syncs": syncs,
+            "e2e_s_block_kernels_off": nobk, "e2e_s_step_graphs_off": nosg, "host_syncs": syncs,
+            "step_graphs": ({"captures": step_graphs.captures, "replays": step_graphs.replays}
+                            if step_graphs is not None else None),
             "graphs": ({"captures": graphed.captures, "replays": graphed.replays} if hasattr(graphed, "captures")
                        else None),
             "nonfinite": any("non-finite" in w for r in rows + [first] for w in r.warnings)

@@ -171,3 +171,22 @@ def test_graphed_text_encoder_runs_the_original_forward_off_cuda_and_is_dropped_
     graphed.graphs["x"] = object()
     placement.before_encode()
     assert monkey_moves == ["cpu", "cuda"] and not graphed.graphs
+
+
+def test_transformer_graphs_run_the_plain_forward_off_the_gpu(tmp_path):
+    """GraphedTransformer (step_graphs) replaces the transformer's forward; CPU tensors take the original forward, so
+    the output is unchanged and nothing is captured. A LoRA runtime keys the graphs by its branch state."""
+    from tests.test_fastattn import inputs, run, small_transformer
+    from zimage import lora
+
+    model = small_transformer(torch.float32)
+    x, t, cap = inputs(torch.float32)
+    reference = run(model, x, t, cap)
+    graphed = cudagraph.install_transformer(model)
+    assert cudagraph.install_transformer(model) is graphed is cudagraph.transformer_graphs(model)
+    assert torch.equal(run(model, x, t, cap), reference)
+    assert graphed.captures == 0 and not graphed.seen and not graphed.graphs
+    runtime = lora.LoraRuntime(lora.LoraLibrary(tmp_path), model, "cpu", torch.float32, rank=4, cache_bytes=0,
+                               mode="branch")
+    runtime._write(None)
+    assert runtime._branch_active in graphed.key_parts

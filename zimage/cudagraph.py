@@ -68,7 +68,10 @@ class GraphedBlocks(torch.nn.ModuleList):
         return super().__iter__()
 
     def _use_runner(self) -> bool:
-        return (self.enabled or self.kernels is not None) and not self._runner_active and _graphs_allowed()
+        if self._runner_active or not _runner_allowed():
+            return False
+        # Inside another capture (GraphedTransformer) the kernels still run; graphs of their own do not nest.
+        return self.kernels is not None or (self.enabled and not torch.cuda.is_current_stream_capturing())
 
     def _loop(self, x, mask, freqs, adaln, noise_mask=None, t_noisy=None, t_clean=None):
         if self.kernels is not None and mask is None and noise_mask is None:
@@ -80,7 +83,8 @@ class GraphedBlocks(torch.nn.ModuleList):
         return x
 
     def _run(self, x, mask, freqs, adaln=None, noise_mask=None, t_noisy=None, t_clean=None):
-        if not self.enabled or mask is not None or noise_mask is not None or adaln is None or not x.is_cuda:
+        if (not self.enabled or torch.cuda.is_current_stream_capturing() or mask is not None or noise_mask is not None
+                or adaln is None or not x.is_cuda):
             return self._loop(x, mask, freqs, adaln, noise_mask, t_noisy, t_clean)
         key = (tuple(x.shape), x.dtype, tuple(freqs.shape), freqs.dtype, tuple(adaln.shape), adaln.dtype, x.device,
                *(part() for part in self.key_parts))
@@ -151,12 +155,15 @@ def _describe(exc: BaseException) -> str:
     return " <- ".join(parts)
 
 
-def _graphs_allowed() -> bool:
+def _runner_allowed() -> bool:
     from torch.utils._python_dispatch import _get_current_dispatch_mode
 
     return (not torch.is_grad_enabled() and torch.cuda.is_available() and not torch.compiler.is_compiling()
-            and not torch.cuda.is_current_stream_capturing()
             and _get_current_dispatch_mode() is None)  # e.g. a FlopCounterMode must see the real ops
+
+
+def _graphs_allowed() -> bool:
+    return _runner_allowed() and not torch.cuda.is_current_stream_capturing()
 
 
 class GraphedTextEncoder:
@@ -234,6 +241,109 @@ class GraphedTextEncoder:
         """Drop every graph: the encoder's weights are moving (a captured graph reads them at fixed addresses)."""
         self.graphs.clear()
         self._pool = None
+
+
+class GraphedTransformer:
+    """The transformer's whole forward (one denoising step: embedders, refiners, the 30 blocks, final layer) replayed
+    as one CUDA graph per input shape; installed as the module's `forward`, so the pipeline's call is unchanged.
+
+    Why: with the blocks on hand-scheduled kernels (fastblocks.py) the fp8 step's kernels take 65.7 ms on the H100
+    but the step took 69.3 ms (2026-11-25): the GPU waited ~3 ms a step for the host to issue the step's ~200 small
+    kernels around the blocks (patchify, embedders, RoPE table, refiners, unpatchify) -- no synchronisation in the
+    step (bench/latency.py --sync-debug), just launches. A graph issues them all at once.
+
+    A shape is captured on its second call (the warm-up's two steps), so a one-off shape never pays for a capture.
+    The key is every input's shape and dtype, plus `key_parts` (lora.py adds whether the LoRA branch runs). Anything
+    else runs the original forward: ControlNet samples, SigLIP/omni inputs, attention kwargs, grad mode, CPU tensors,
+    or a capture that failed (logged once; graphs then stay off). Static outputs are cloned on return."""
+
+    def __init__(self, transformer: torch.nn.Module, max_graphs: int = MAX_GRAPHS):
+        self.module = transformer
+        self.original = transformer.forward
+        self.max_graphs = max_graphs
+        self.graphs: collections.OrderedDict = collections.OrderedDict()
+        self.seen: dict = {}
+        self.enabled = True
+        self.captures = self.replays = 0
+        self.key_parts: list = []
+        self._pool = None
+
+    def __call__(self, x, t, cap_feats, return_dict: bool = True, controlnet_block_samples=None, siglip_feats=None,
+                 image_noise_mask=None, patch_size: int = 2, f_patch_size: int = 1, joint_attention_kwargs=None):
+        plain = (not self.enabled or controlnet_block_samples is not None or siglip_feats is not None
+                 or image_noise_mask is not None or joint_attention_kwargs or not isinstance(x, list | tuple)
+                 or not x or not all(isinstance(v, torch.Tensor) and v.is_cuda for v in (*x, t, *cap_feats))
+                 or not _graphs_allowed())
+        key = None if plain else (
+            tuple((tuple(v.shape), v.dtype) for v in x), tuple(t.shape), t.dtype,
+            tuple((tuple(c.shape), c.dtype) for c in cap_feats), x[0].device, patch_size, f_patch_size,
+            *(part() for part in self.key_parts))
+        entry = None if key is None else self.graphs.get(key)
+        if entry is None and key is not None:
+            self.seen[key] = self.seen.get(key, 0) + 1
+            if self.seen[key] >= 2:
+                entry = self._capture(key, list(x), t, list(cap_feats), patch_size, f_patch_size)
+        if entry is None:
+            return self.original(x, t, cap_feats, return_dict=return_dict,
+                                 controlnet_block_samples=controlnet_block_samples, siglip_feats=siglip_feats,
+                                 image_noise_mask=image_noise_mask, patch_size=patch_size, f_patch_size=f_patch_size,
+                                 joint_attention_kwargs=joint_attention_kwargs)
+        self.graphs.move_to_end(key)
+        for static, value in zip(entry.inputs, (*x, t, *cap_feats), strict=True):
+            static.copy_(value)
+        entry.graph.replay()
+        self.replays += 1
+        out = [o.clone() for o in entry.output]
+        if not return_dict:
+            return (out,)
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        return Transformer2DModelOutput(sample=out)
+
+    def _capture(self, key, x, t, cap_feats, patch_size, f_patch_size):
+        inputs = tuple(v.clone() for v in (*x, t, *cap_feats))
+        n = len(x)
+
+        def run():
+            return list(self.original(list(inputs[:n]), inputs[n], list(inputs[n + 1:]), return_dict=False,
+                                      patch_size=patch_size, f_patch_size=f_patch_size)[0])
+
+        try:
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph, output = capture(run, x[0].device, self._pool)
+        except Exception as exc:  # noqa: BLE001 - graphs are an optimisation; the plain forward always works
+            self.enabled = False
+            log.warning("CUDA graph capture of the transformer failed (%s); running it without graphs",
+                        _describe(exc))
+            return None
+        entry = _Graph(graph, inputs, output)
+        self.graphs[key] = entry
+        self.captures += 1
+        while len(self.graphs) > self.max_graphs:
+            self.graphs.popitem(last=False)
+        log.info("captured a CUDA graph of the transformer for %s", key[0])
+        return entry
+
+    def clear(self) -> None:
+        self.graphs.clear()
+        self.seen.clear()
+        self._pool = None
+
+
+def install_transformer(transformer) -> GraphedTransformer:
+    """Route `transformer`'s forward through a GraphedTransformer (idempotent)."""
+    current = transformer.__dict__.get("forward")
+    if isinstance(current, GraphedTransformer):
+        return current
+    graphed = GraphedTransformer(transformer)
+    transformer.forward = graphed
+    return graphed
+
+
+def transformer_graphs(transformer) -> GraphedTransformer | None:
+    current = transformer.__dict__.get("forward") if transformer is not None else None
+    return current if isinstance(current, GraphedTransformer) else None
 
 
 def _right_padded(mask) -> bool:

@@ -54,8 +54,8 @@ from . import fp8
 # Launch parameters per kernel: the fastest of bench/kernels.py --sweep on the H100 (2026-11-25); a module-level
 # table so the benchmark can try others.
 CONFIG = {
-    "residual_norm": {"rows": 1, "num_warps": 4},
-    "qk_norm_rope": {"rows": 16, "heads": 1, "num_warps": 4},
+    "residual_norm": {"rows": 1, "num_warps": 8},
+    "qk_norm_rope": {"rows": 16, "heads": 1, "num_warps": 2},
     "quantize_heads": {"num_warps": 4},
     "swiglu": {"num_warps": 32},
 }

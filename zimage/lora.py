@@ -666,9 +666,10 @@ class LoraRuntime:
 
     def _write(self, pairs: list[tuple[Adapter, float]] | None) -> None:
         """pairs None: branch off everywhere. A list (maybe empty): branch on, slots = the list."""
-        layers = getattr(self.transformer, "layers", None)
-        if hasattr(layers, "key_parts") and self._branch_active not in layers.key_parts:
-            layers.key_parts.append(self._branch_active)  # CUDA graphs of the blocks: one per branch state
+        graphed = (getattr(self.transformer, "layers", None), self.transformer.__dict__.get("forward"))
+        for holder in graphed:  # CUDA graphs of the blocks or the whole transformer: one per branch state
+            if hasattr(holder, "key_parts") and self._branch_active not in holder.key_parts:
+                holder.key_parts.append(self._branch_active)
         if pairs is None:
             for w in self.wrappers.values():
                 w.active = False

@@ -41,6 +41,8 @@ class Switches:
                 stays resident (not the streamed 12gb profile)
     block_kernels  the main blocks scheduled by hand on Triton kernels + the GEMMs, without Inductor (fastblocks.py);
                 CUDA with Triton, fused projections; any memory profile whose transformer stays resident
+    step_graphs the transformer's whole forward (one step) replayed as one CUDA graph per shape
+                (cudagraph.GraphedTransformer); CUDA, `full` memory profile, compiled
     Defaults (measured, H100 2026-11-24, bf16): real_rope on (-3.2 ms/step), vae_compile on (decode 108 -> 45 ms),
     block_graphs off (bf16 0.916 vs 0.914 s with the graphs off in the same engine: kernel-bound; fp8 2026-11-25:
     0.648 s alone, 0.640 s with fused_kernels, restart not measured). 2026-11-25, fp8: vae_split_norm on (decode
@@ -59,6 +61,7 @@ class Switches:
     fused_projections: bool = True  # predicted fp8 -1.5 ms/step; measured -0.2 (GEMMs already at the fp8 floor)
     # predicted (H100, Standard, fp8): the block's norm/RoPE/quantization kernels 14 -> ~7 ms/step
     block_kernels: bool = True
+    step_graphs: bool = True  # predicted fp8: the ~3 ms/step the GPU waits for the host's launches -> ~0
     precompile: bool = True  # predicted: fp8 restart 66.8 -> <= 40 s (CPU tiny: first warm-up shape 6.2 -> 0.9 s)
 
     @classmethod
@@ -312,6 +315,9 @@ def apply_switches(pipe, device: str, compiled: bool, profile: str, sw: Switches
             applied.append("block_kernels")
         if block_graphs:
             applied.append("block_graphs")
+    if sw.step_graphs and compiled and on_gpu and profile == "full":
+        cudagraph.install_transformer(pipe.transformer)
+        applied.append("step_graphs")
     if sw.encoder_graphs and encoder_compiled and on_gpu:
         cudagraph.install_text_encoder(pipe.text_encoder)
         applied.append("encoder_graphs")
