@@ -43,6 +43,8 @@ class Switches:
                 CUDA with Triton, fused projections; any memory profile whose transformer stays resident
     step_graphs the transformer's whole forward (one step) replayed as one CUDA graph per shape
                 (cudagraph.GraphedTransformer); CUDA, `full` memory profile, compiled
+    2026-11-25, second session (fp8, Standard): block_kernels on (74.7 -> 70.7 ms/step in one engine), step_graphs
+    on (0.627 -> 0.611 s in one engine; GPU idle 3.2 -> 1.5 ms/step).
     Defaults (measured, H100 2026-11-24, bf16): real_rope on (-3.2 ms/step), vae_compile on (decode 108 -> 45 ms),
     block_graphs off (bf16 0.916 vs 0.914 s with the graphs off in the same engine: kernel-bound; fp8 2026-11-25:
     0.648 s alone, 0.640 s with fused_kernels, restart not measured). 2026-11-25, fp8: vae_split_norm on (decode
@@ -59,9 +61,10 @@ class Switches:
     # kernels idled the GPU as long (H100 2026-11-25: 74.3 ms/step with and without); for block_graphs experiments.
     fused_kernels: bool = False
     fused_projections: bool = True  # predicted fp8 -1.5 ms/step; measured -0.2 (GEMMs already at the fp8 floor)
-    # predicted (H100, Standard, fp8): the block's norm/RoPE/quantization kernels 14 -> ~7 ms/step
+    # predicted (H100, Standard, fp8): the block's norm/RoPE/quantization kernels 14 -> ~7 ms/step; measured 14.1 -> 8.8
     block_kernels: bool = True
-    step_graphs: bool = True  # predicted fp8: the ~3 ms/step the GPU waits for the host's launches -> ~0
+    # predicted fp8: the ~3 ms/step the GPU waits for the host's launches -> ~0; measured idle 3.2 -> 1.5 ms/step
+    step_graphs: bool = True
     precompile: bool = True  # predicted: fp8 restart 66.8 -> <= 40 s (CPU tiny: first warm-up shape 6.2 -> 0.9 s)
 
     @classmethod
