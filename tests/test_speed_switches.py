@@ -190,3 +190,25 @@ def test_transformer_graphs_run_the_plain_forward_off_the_gpu(tmp_path):
                                mode="branch")
     runtime._write(None)
     assert runtime._branch_active in graphed.key_parts
+
+
+def test_the_execution_device_comes_from_the_placement(monkeypatch):
+    """diffusers' `_execution_device` walks every module of every component per pipeline call; the engine's
+    pipelines answer it from the placement instead, and task pipelines built from them stay correct."""
+    from diffusers.hooks import group_offloading
+
+    from zimage import stages
+
+    pipe = tiny.build_pipeline()
+    original_class = type(pipe)
+    stages.pin_execution_device(pipe, "cpu")
+    stages.pin_execution_device(pipe, "cpu")  # idempotent: one subclass, not a chain
+    assert type(pipe).__mro__[1] is original_class and isinstance(pipe, original_class)
+    assert type(pipe).__name__ == original_class.__name__
+
+    def walked(*args, **kwargs):
+        raise AssertionError("walked the modules")
+
+    monkeypatch.setattr(group_offloading, "_get_group_onload_device", walked)
+    assert pipe._execution_device == torch.device("cpu")
+    assert set(stages.task_pipelines(pipe)) == set(stages.TASK_PIPELINES)
