@@ -66,14 +66,30 @@ def union_us(intervals) -> float:
 
 
 def gaps_us(intervals) -> list[float]:
+    return [e - s for s, e in gap_spans(intervals)]
+
+
+def gap_spans(intervals) -> list[tuple[float, float]]:
+    """(start, end) of every stretch between kernels where the GPU ran nothing."""
     ks = sorted(intervals)
     if not ks:
         return []
     out, end = [], ks[0][1]
     for s, e in ks[1:]:
         if s > end:
-            out.append(s - end)
+            out.append((end, s))
         end = max(end, e)
+    return out
+
+
+def host_during(spans, host_events, n: int = 4) -> list[dict]:
+    """For each idle span: the host-side events (aten ops, CUDA runtime calls) running at its midpoint, longest
+    first -- what the CPU was doing while the GPU waited."""
+    out = []
+    for start, end in spans:
+        mid = (start + end) / 2
+        busy = sorted(((e - s, name) for name, s, e in host_events if s <= mid <= e), reverse=True)[:n]
+        out.append({"gap_us": round(end - start, 1), "host": [f"{name} ({d / 1000:.2f} ms)" for d, name in busy]})
     return out
 
 
@@ -122,7 +138,7 @@ def profile_generation(engine, request, top: int = 30, trace_path: Path | None =
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         wall = time.perf_counter() - t0
-    kernels, ranges = [], {}
+    kernels, ranges, host = [], {}, []
     for ev in prof.events():
         tr = ev.time_range
         if ev.device_type == torch.autograd.DeviceType.CUDA:
@@ -130,6 +146,8 @@ def profile_generation(engine, request, top: int = 30, trace_path: Path | None =
                 kernels.append((ev.name, tr.start, tr.end))
         elif ev.name.startswith("stage:"):
             ranges.setdefault(ev.name[6:], []).append((tr.start, tr.end))
+        elif not ev.name.startswith("ProfilerStep"):
+            host.append((ev.name, tr.start, tr.end))
     report = {"wall_s": round(wall, 4), "engine_timings": result.timings, "kernels": len(kernels)}
     if not kernels:
         return report
@@ -156,7 +174,8 @@ def profile_generation(engine, request, top: int = 30, trace_path: Path | None =
         busy = union_us(intervals)
         # the GPU's own window: first kernel start to last kernel end inside the stage
         gpu_window = (max(e for _, e in intervals) - min(s for s, _ in intervals)) if intervals else 0.0
-        gaps = sorted(gaps_us(intervals), reverse=True)
+        spans = sorted(gap_spans(intervals), key=lambda se: se[0] - se[1])  # longest first
+        gaps = [e - s for s, e in spans]
         cats: dict[str, float] = {}
         for n, s, e in inside:
             cats[category(n)] = cats.get(category(n), 0.0) + (e - s)
@@ -166,6 +185,7 @@ def profile_generation(engine, request, top: int = 30, trace_path: Path | None =
             "kernels": len(inside), "idle_ms": round(sum(gaps) / 1000, 2),
             "gaps_over_20us": sum(g > 20 for g in gaps), "top_gaps_us": [round(g, 1) for g in gaps[:10]],
             "by_category_ms": {k: round(v / 1000, 2) for k, v in sorted(cats.items(), key=lambda x: -x[1])},
+            "host_during_top_gaps": host_during(spans[:8], host),
         }
     report["stages"] = stages
     if trace_path is not None:
