@@ -5,8 +5,9 @@ Why: the compiled fp8 step (H100, 2026-11-25) spent 39.5 ms/step in GEMMs at the
 but ~14 ms in Inductor's norm/RoPE/quantization kernels where their bytes need ~6 ms: its looped reductions read
 each 3840- or 10240-wide row two or three times (the RMS, the amax, then the quantized write). The block's
 non-GEMM work is four row operations; written as kernels that read each row once, and with the last residual of
-one block fused into the first norm of the next, a block is ten launches:
+one block fused into the first norm of the next, a block is eleven launches (ten in bf16):
 
+    adaLN modulation (the block's Linear, through its module)         (scale_msa | gate_msa | scale_mlp | gate_mlp)
     (first block only) RMSNorm(x) * (1 + scale_msa) -> e4m3          kernels.residual_norm
     q/k/v GEMM (fused weight)                                         fp8.scaled_mm / F.linear
     per-head RMSNorm + RoPE of q and k                                kernels.qk_norm_rope
@@ -17,8 +18,9 @@ one block fused into the first norm of the next, a block is ten launches:
     x += tanh(gate_mlp) * RMSNorm(ffn); the next block's first norm -> e4m3      kernels.residual_norm
 
 The same schedule runs bf16 weights (the kernels then write bf16). Nothing here is traced by Dynamo, so a restart
-does not re-trace the 30 main blocks either; with `block_graphs` the whole stack is one CUDA graph
-(cudagraph.GraphedBlocks calls `run`). Numerics: the blocks' math in float32 between bf16 (or e4m3) tensors, like
+does not trace the 30 main blocks; `cudagraph.GraphedBlocks` calls `Schedule.run` for the stack, and the whole step
+is captured as one CUDA graph by `cudagraph.GraphedTransformer` (switch `step_graphs`). Measured (H100, Standard,
+fp8, docs/PERFORMANCE.md 2026-11-25 second session): 74.7 -> 70.7 ms/step in one engine. Numerics: the blocks' math in float32 between bf16 (or e4m3) tensors, like
 the compiled code (tests/test_fastblocks.py compares it with diffusers' blocks on the CPU, through the kernels'
 PyTorch references).
 
