@@ -133,6 +133,16 @@ def run(engine: Engine, request: GenerationRequest, keep_latents: bool = False):
     return engine.generate(dataclasses.replace(job, keep_latents=keep_latents))
 
 
+def timed_runs(engine: Engine, v: dict, tier: str, aspect: str, runs: int) -> tuple[list[float], list]:
+    """`runs` generations (seeds 1234, 1235, ...): wall seconds each (what a caller waits: stages + cleanup), results."""
+    walls, rows = [], []
+    for i in range(runs):
+        t = time.perf_counter()
+        rows.append(run(engine, request_for(v, tier, aspect, 1234 + i)))
+        walls.append(time.perf_counter() - t)
+    return walls, rows
+
+
 def host_syncs(engine: Engine, request: GenerationRequest) -> list[dict]:
     """Where one generation makes the host wait for the GPU: torch's sync debug mode warns at every synchronizing
     call; each is reported once with its count and the innermost project/diffusers frames that made it."""
@@ -216,31 +226,19 @@ def run_variant(args, spec: str, flops_cache: dict, reference: dict, results: li
         first, first_s, first_task_s = firsts[shape]
         if shape not in flops_cache:
             flops_cache[shape] = {"total": 0, "by_module": {}} if args.skip_flops else count_flops(engine, request)
-        rows, walls = [], []
-        for i in range(args.runs):
-            t = time.perf_counter()
-            rows.append(run(engine, request_for(v, tier, aspect, 1234 + i)))
-            walls.append(time.perf_counter() - t)  # what a caller waits: stages + cleanup
+        walls, rows = timed_runs(engine, v, tier, aspect, args.runs)
         graphed = getattr(engine.pipeline.transformer, "layers", None)
         nocg = None
         if hasattr(graphed, "enabled") and graphed.enabled:  # cg: the same engine with the graphs off (A/B)
             graphed.enabled = False
-            nocg_walls = []
-            for i in range(args.runs):
-                t = time.perf_counter()
-                run(engine, request_for(v, tier, aspect, 1234 + i))
-                nocg_walls.append(time.perf_counter() - t)
+            nocg_walls, _ = timed_runs(engine, v, tier, aspect, args.runs)
             graphed.enabled = True
             nocg = {k: round(x, 4) for k, x in summarize(nocg_walls).items()}
         step_graphs = cudagraph.transformer_graphs(engine.pipeline.transformer)
         nosg = None
         if step_graphs is not None and step_graphs.enabled:  # sg: the same engine with the step graphs off (A/B)
             step_graphs.enabled = False
-            nosg_walls = []
-            for i in range(args.runs):
-                t = time.perf_counter()
-                run(engine, request_for(v, tier, aspect, 1234 + i))
-                nosg_walls.append(time.perf_counter() - t)
+            nosg_walls, _ = timed_runs(engine, v, tier, aspect, args.runs)
             nosg = {k: round(x, 4) for k, x in summarize(nosg_walls).items()}
         nobk = None
         if getattr(graphed, "kernels", None) is not None and not graphed.enabled:
@@ -248,11 +246,7 @@ def run_variant(args, spec: str, flops_cache: dict, reference: dict, results: li
             # untimed generation compiles them first.
             schedule, graphed.kernels = graphed.kernels, None
             run(engine, request_for(v, tier, aspect, 1234))
-            nobk_walls, nobk_rows = [], []
-            for i in range(args.runs):
-                t = time.perf_counter()
-                nobk_rows.append(run(engine, request_for(v, tier, aspect, 1234 + i)))
-                nobk_walls.append(time.perf_counter() - t)
+            nobk_walls, nobk_rows = timed_runs(engine, v, tier, aspect, args.runs)
             graphed.kernels = schedule
             nobk = {k: round(x, 4) for k, x in summarize(nobk_walls).items()}
             nobk["per_step_ms"] = round(1000 * statistics.median(r.timings["denoise"] for r in nobk_rows)

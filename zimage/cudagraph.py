@@ -333,17 +333,24 @@ class GraphedTransformer:
 
 def install_transformer(transformer) -> GraphedTransformer:
     """Route `transformer`'s forward through a GraphedTransformer (idempotent)."""
-    current = transformer.__dict__.get("forward")
-    if isinstance(current, GraphedTransformer):
-        return current
-    graphed = GraphedTransformer(transformer)
-    transformer.forward = graphed
-    return graphed
+    return _install_forward(transformer, GraphedTransformer)
 
 
 def transformer_graphs(transformer) -> GraphedTransformer | None:
-    current = transformer.__dict__.get("forward") if transformer is not None else None
-    return current if isinstance(current, GraphedTransformer) else None
+    return _installed_forward(transformer, GraphedTransformer)
+
+
+def _install_forward(module, graphed_class):
+    """Set an instance `forward` that replays graphs of the module's own forward (idempotent)."""
+    current = _installed_forward(module, graphed_class)
+    if current is None:
+        current = module.forward = graphed_class(module)
+    return current
+
+
+def _installed_forward(module, graphed_class):
+    current = module.__dict__.get("forward") if module is not None else None
+    return current if isinstance(current, graphed_class) else None
 
 
 def _right_padded(mask) -> bool:
@@ -368,17 +375,11 @@ def _hidden_states_output(kept, keep, module):
 
 def install_text_encoder(text_encoder) -> GraphedTextEncoder:
     """Route `text_encoder`'s forward through a GraphedTextEncoder (idempotent)."""
-    current = text_encoder.__dict__.get("forward")
-    if isinstance(current, GraphedTextEncoder):
-        return current
-    graphed = GraphedTextEncoder(text_encoder)
-    text_encoder.forward = graphed
-    return graphed
+    return _install_forward(text_encoder, GraphedTextEncoder)
 
 
 def text_encoder_graphs(text_encoder) -> GraphedTextEncoder | None:
-    current = text_encoder.__dict__.get("forward") if text_encoder is not None else None
-    return current if isinstance(current, GraphedTextEncoder) else None
+    return _installed_forward(text_encoder, GraphedTextEncoder)
 
 
 def install(transformer) -> GraphedBlocks:
