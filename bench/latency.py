@@ -244,10 +244,14 @@ def run_variant(args, spec: str, flops_cache: dict, reference: dict, results: li
         if getattr(graphed, "kernels", None) is not None and not graphed.enabled:
             # bk: the same engine with the main blocks compiled by Inductor instead (A/B; step graphs off too); one
             # untimed generation compiles them first.
-            schedule, graphed.kernels = graphed.kernels, None
+            stacks = cudagraph.block_stacks(engine.pipeline.transformer)  # the main blocks and the refiners
+            schedules = [stack.kernels for stack in stacks]
+            for stack in stacks:
+                stack.kernels = None
             run(engine, request_for(v, tier, aspect, 1234))
             nobk_walls, nobk_rows = timed_runs(engine, v, tier, aspect, args.runs)
-            graphed.kernels = schedule
+            for stack, schedule in zip(stacks, schedules, strict=True):
+                stack.kernels = schedule
             nobk = {k: round(x, 4) for k, x in summarize(nobk_walls).items()}
             nobk["per_step_ms"] = round(1000 * statistics.median(r.timings["denoise"] for r in nobk_rows)
                                         / nobk_rows[0].steps, 1)

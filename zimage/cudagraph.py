@@ -382,18 +382,29 @@ def text_encoder_graphs(text_encoder) -> GraphedTextEncoder | None:
     return _installed_forward(text_encoder, GraphedTextEncoder)
 
 
-def install(transformer) -> GraphedBlocks:
-    """Replace transformer.layers by a GraphedBlocks over the same modules (idempotent)."""
-    layers = transformer.layers
+# The transformer's block stacks, each a ModuleList its forward iterates: the main blocks and the two refiners.
+STACKS = ("layers", "noise_refiner", "context_refiner")
+
+
+def install(transformer, name: str = "layers") -> GraphedBlocks:
+    """Replace the stack `transformer.<name>` by a GraphedBlocks over the same modules (idempotent). A new one runs
+    graphs (`enabled`) and no kernels; the caller sets both."""
+    layers = getattr(transformer, name)
     if isinstance(layers, GraphedBlocks):
         return layers
     graphed = GraphedBlocks(layers)
-    transformer.layers = graphed
+    setattr(transformer, name, graphed)
     return graphed
 
 
 def uninstall(transformer) -> None:
-    layers = transformer.layers
-    if isinstance(layers, GraphedBlocks):
-        layers.clear()
-        transformer.layers = torch.nn.ModuleList(list(super(GraphedBlocks, layers).__iter__()))
+    for name in STACKS:
+        layers = getattr(transformer, name, None)
+        if isinstance(layers, GraphedBlocks):
+            layers.clear()
+            setattr(transformer, name, torch.nn.ModuleList(list(super(GraphedBlocks, layers).__iter__())))
+
+
+def block_stacks(transformer) -> list[GraphedBlocks]:
+    """The installed GraphedBlocks among the transformer's stacks."""
+    return [s for s in (getattr(transformer, name, None) for name in STACKS) if isinstance(s, GraphedBlocks)]

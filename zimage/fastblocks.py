@@ -24,8 +24,9 @@ fp8, docs/PERFORMANCE.md 2026-11-25 second session): 74.7 -> 70.7 ms/step in one
 the compiled code (tests/test_fastblocks.py compares it with diffusers' blocks on the CPU, through the kernels'
 PyTorch references).
 
-`run` returns None where the schedule does not apply, and the caller runs diffusers' blocks instead: an attention
-mask or per-token modulation, a block without fused projections (fusion.py) or with an active LoRA branch
+The refiners run on it too (`speed.apply_switches`): the image refiner's blocks are modulated like the main ones,
+the caption refiner's have no adaLN (no scale, no gate). `run` returns None where the schedule does not apply, and
+the caller runs diffusers' blocks instead: an attention mask or per-token modulation, a block without fused projections (fusion.py) or with an active LoRA branch
 (lora.py, branch mode; merged LoRAs are in the weights and need nothing), weights other than bf16/e4m3.
 """
 
@@ -52,6 +53,7 @@ class _Block:
     def __init__(self, block):
         attention, ffn = block.attention, block.feed_forward
         self.block = block
+        self.modulated = bool(block.modulation)  # the caption refiner's blocks have no adaLN
         self.qkv = attention.fused_qkv
         self.out = _base(attention.to_out[0])
         self.w13 = ffn.fused_w13
@@ -92,10 +94,10 @@ class _Block:
 
 
 def _describe(block) -> "_Block | None":
-    """The block's schedule, or None when it cannot run one (not fused, not a modulated block, odd weights)."""
+    """The block's schedule, or None when it cannot run one (not fused, odd weights)."""
     attention, ffn = getattr(block, "attention", None), getattr(block, "feed_forward", None)
     qkv, w13 = getattr(attention, "fused_qkv", None), getattr(ffn, "fused_w13", None)
-    if not getattr(block, "modulation", False) or qkv is None or w13 is None:
+    if qkv is None or w13 is None or not hasattr(block, "modulation"):
         return None
     if attention.norm_q is None or attention.norm_k is None or len(attention.to_out) < 1:
         return None
@@ -123,27 +125,27 @@ class Schedule:
             self.layers = tuple(layers)
             described = [_describe(b) for b in layers]
             # One eps for every norm: the fused residual kernel applies it to this block's and the next one's norm.
-            same_eps = len({(d.eps, d.qk_eps) for d in described if d is not None}) == 1
-            self.blocks = described if described and None not in described and same_eps else None
+            same = len({(d.eps, d.qk_eps, d.modulated) for d in described if d is not None}) == 1
+            self.blocks = described if described and None not in described and same else None
             if self.blocks is None:
                 log.info("block kernels: the blocks are not all fused bf16/fp8 blocks; diffusers' blocks run")
         return self.blocks
 
-    def run(self, layers, x: torch.Tensor, freqs: torch.Tensor, adaln: torch.Tensor) -> "torch.Tensor | None":
-        """The stack's output for x (B, S, D), freqs (B, S, head_dim/2, 2) real, adaln (B, C); None when the schedule
-        does not apply (see the module docstring)."""
-        if x.dtype != torch.bfloat16 or x.dim() != 3 or freqs.is_complex() or adaln is None:
+    def run(self, layers, x: torch.Tensor, freqs: torch.Tensor, adaln: torch.Tensor | None) -> "torch.Tensor | None":
+        """The stack's output for x (B, S, D), freqs (B, S, head_dim/2, 2) real, adaln (B, C) (None for blocks without
+        modulation); None when the schedule does not apply (see the module docstring)."""
+        if x.dtype != torch.bfloat16 or x.dim() != 3 or freqs.is_complex():
             return None
         if not (x.is_cuda and kernels.available(x.device)) and not self.allow_cpu:
             return None
         blocks = self.plan(layers)
-        if blocks is None or not all(b.ready() for b in blocks):
+        if blocks is None or not all(b.ready() for b in blocks) or (adaln is None) == blocks[0].modulated:
             return None
         self.runs += 1
         return run_blocks(blocks, x, freqs, adaln)
 
 
-def run_blocks(blocks: list[_Block], x: torch.Tensor, freqs: torch.Tensor, adaln: torch.Tensor) -> torch.Tensor:
+def run_blocks(blocks: list[_Block], x: torch.Tensor, freqs: torch.Tensor, adaln: torch.Tensor | None) -> torch.Tensor:
     batch, seq, dim = x.shape
     rows = batch * seq
     quant = blocks[0].fp8
@@ -151,9 +153,14 @@ def run_blocks(blocks: list[_Block], x: torch.Tensor, freqs: torch.Tensor, adaln
     x = x.reshape(rows, dim).contiguous()
     # adaLN modulation of every block (through the module: a LoRA on it applies): (B, 4 dim) =
     # scale_msa | gate_msa | scale_mlp | gate_mlp, each used inside the kernels (1 + scale, tanh(gate)).
-    mods = [b.block.adaLN_modulation(adaln) for b in blocks]
+    # Blocks without modulation: no scale, no gate (the kernels' factor is 1).
+    mods = [b.block.adaLN_modulation(adaln) if b.modulated else None for b in blocks]
+
+    def part(mod, k):  # k-th of the four (B, dim) modulation vectors
+        return None if mod is None else mod[:, k * dim:(k + 1) * dim]
+
     first = blocks[0]
-    _, h, h_scale = kernels.residual_norm(x, seq, first.eps, weight=first.norms[0], scale=mods[0][:, :dim],
+    _, h, h_scale = kernels.residual_norm(x, seq, first.eps, weight=first.norms[0], scale=part(mods[0], 0),
                                           quant=quant)
     for i, b in enumerate(blocks):
         mod = mods[i]
@@ -167,12 +174,12 @@ def run_blocks(blocks: list[_Block], x: torch.Tensor, freqs: torch.Tensor, adaln
         else:
             o, o_scale = o.reshape(rows, dim), None
         attn = b.gemm(b.out, o, o_scale)
-        x, h, h_scale = kernels.residual_norm(x, seq, b.eps, branch=attn, branch_weight=norm2, gate=mod[:, dim:2 * dim],
-                                              weight=ffn_norm1, scale=mod[:, 2 * dim:3 * dim], quant=quant)
+        x, h, h_scale = kernels.residual_norm(x, seq, b.eps, branch=attn, branch_weight=norm2, gate=part(mod, 1),
+                                              weight=ffn_norm1, scale=part(mod, 2), quant=quant)
         g, g_scale = kernels.swiglu(b.gemm(b.w13, h, h_scale), quant=quant)
         ffn = b.gemm(b.w2, g, g_scale)
         nxt = blocks[i + 1] if i + 1 < len(blocks) else None
         x, h, h_scale = kernels.residual_norm(
-            x, seq, b.eps, branch=ffn, branch_weight=ffn_norm2, gate=mod[:, 3 * dim:],
-            weight=nxt.norms[0] if nxt else None, scale=mods[i + 1][:, :dim] if nxt else None, quant=quant)
+            x, seq, b.eps, branch=ffn, branch_weight=ffn_norm2, gate=part(mod, 3),
+            weight=nxt.norms[0] if nxt else None, scale=part(mods[i + 1], 0) if nxt else None, quant=quant)
     return x.view(batch, seq, dim)

@@ -90,13 +90,15 @@ def residual_norm(x: torch.Tensor, seq: int, eps: float, branch=None, branch_wei
         x' = x + tanh(gate) * RMSNorm(branch) * branch_weight          (if `branch` is given; else x' = x)
         y  = RMSNorm(x') * weight * (1 + scale)                         (if `weight` is given)
 
-    gate and scale are (B, D) rows (any row stride, unit last stride): the block's adaLN modulation. Returns
+    gate and scale are (B, D) rows (any row stride, unit last stride): the block's adaLN modulation; without them
+    (a block without modulation, the caption refiner) the factor is 1. Returns
     (x' or None, y, y_scale): y as e4m3 with per-row float32 scales (rows, 1) when `quant`, else in x's dtype
     with y_scale None; y and y_scale are None without `weight`."""
     if not _use_triton(x):
         return residual_norm_reference(x, seq, eps, branch, branch_weight, gate, weight, scale, quant)
     rows, n = x.shape
     has_branch, has_norm = branch is not None, weight is not None
+    has_gate, has_scale = has_branch and gate is not None, has_norm and scale is not None
     x_out = torch.empty_like(x) if has_branch else None
     y = torch.empty((rows, n), dtype=fp8.E4M3 if quant else x.dtype, device=x.device) if has_norm else None
     y_scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device) if has_norm and quant else None
@@ -104,13 +106,12 @@ def residual_norm(x: torch.Tensor, seq: int, eps: float, branch=None, branch_wei
     dummy = x
     t.residual_norm_kernel[(t.triton.cdiv(rows, cfg["rows"]),)](
         x, branch if has_branch else dummy, x_out if has_branch else dummy,
-        branch_weight if has_branch else dummy, gate if has_branch else dummy,
-        gate.stride(0) if has_branch else 0,
-        weight if has_norm else dummy, scale if has_norm else dummy, scale.stride(0) if has_norm else 0,
+        branch_weight if has_branch else dummy, gate if has_gate else dummy, gate.stride(0) if has_gate else 0,
+        weight if has_norm else dummy, scale if has_scale else dummy, scale.stride(0) if has_scale else 0,
         y if has_norm else dummy, y_scale if y_scale is not None else dummy,
         rows, seq, n, eps, fp8.E4M3_MAX, fp8._TINY,
-        HAS_BRANCH=has_branch, HAS_NORM=has_norm, QUANT=quant, ROWS=cfg["rows"], BLOCK=t.triton.next_power_of_2(n),
-        num_warps=cfg["num_warps"])
+        HAS_BRANCH=has_branch, HAS_GATE=has_gate, HAS_NORM=has_norm, HAS_SCALE=has_scale, QUANT=quant,
+        ROWS=cfg["rows"], BLOCK=t.triton.next_power_of_2(n), num_warps=cfg["num_warps"])
     return x_out, y, y_scale
 
 
@@ -122,11 +123,13 @@ def residual_norm_reference(x, seq, eps, branch=None, branch_weight=None, gate=N
                             quant=False):
     xf, x_out, y, y_scale = x.float(), None, None, None
     if branch is not None:
-        g = torch.tanh(gate.float()).repeat_interleave(seq, dim=0)
+        g = 1.0 if gate is None else torch.tanh(gate.float()).repeat_interleave(seq, dim=0)
         x_out = (xf + g * _rms(branch.float(), eps) * branch_weight.float()).to(x.dtype)
         xf = x_out.float()
     if weight is not None:
-        y = _rms(xf, eps) * weight.float() * (1.0 + scale.float()).repeat_interleave(seq, dim=0)
+        y = _rms(xf, eps) * weight.float()
+        if scale is not None:
+            y = y * (1.0 + scale.float()).repeat_interleave(seq, dim=0)
         y, y_scale = fp8.quantize_rows(y) if quant else (y.to(x.dtype), None)
     return x_out, y, y_scale
 
@@ -243,8 +246,8 @@ def _triton():
     @triton.jit
     def residual_norm_kernel(x_ptr, branch_ptr, x_out_ptr, branch_w_ptr, gate_ptr, gate_stride, w_ptr, scale_ptr,
                              scale_stride, y_ptr, y_scale_ptr, rows, seq, n, eps, fp8_max, tiny,
-                             HAS_BRANCH: tl.constexpr, HAS_NORM: tl.constexpr, QUANT: tl.constexpr,
-                             ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                             HAS_BRANCH: tl.constexpr, HAS_GATE: tl.constexpr, HAS_NORM: tl.constexpr,
+                             HAS_SCALE: tl.constexpr, QUANT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
         r = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
         b = (r // seq)[:, None]
         cols = tl.arange(0, BLOCK)
@@ -255,15 +258,17 @@ def _triton():
             a = tl.load(branch_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
             a = a * tl.rsqrt(tl.sum(a * a, axis=1) / n + eps)[:, None]
             a = a * tl.load(branch_w_ptr + cols, mask=cols < n, other=0.0).to(tl.float32)[None, :]
-            g = tl.load(gate_ptr + b * gate_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            g = 1.0 - 2.0 / (tl.exp(2.0 * g) + 1.0)  # tanh
-            x = (x + g * a).to(x_out_ptr.dtype.element_ty)
+            if HAS_GATE:
+                g = tl.load(gate_ptr + b * gate_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                a = a * (1.0 - 2.0 / (tl.exp(2.0 * g) + 1.0))  # tanh(gate)
+            x = (x + a).to(x_out_ptr.dtype.element_ty)
             tl.store(x_out_ptr + offsets, x, mask=mask)
             x = x.to(tl.float32)
         if HAS_NORM:
             y = x * tl.rsqrt(tl.sum(x * x, axis=1) / n + eps)[:, None]
             y = y * tl.load(w_ptr + cols, mask=cols < n, other=0.0).to(tl.float32)[None, :]
-            y = y * (1.0 + tl.load(scale_ptr + b * scale_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32))
+            if HAS_SCALE:
+                y = y * (1.0 + tl.load(scale_ptr + b * scale_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32))
             if QUANT:
                 s = tl.maximum(tl.max(tl.abs(y), axis=1), tiny) / fp8_max
                 q = tl.minimum(tl.maximum(y / s[:, None], -fp8_max), fp8_max)

@@ -39,8 +39,9 @@ class Switches:
     vae_split_norm  the compiled decoder's GroupNorms with two-step statistics (groupnorm.py); with vae_compile
     fused_projections  q/k/v and w1/w3 as one GEMM each over a shared weight (fusion.py); a transformer that
                 stays resident (not the streamed 12gb profile)
-    block_kernels  the main blocks scheduled by hand on Triton kernels + the GEMMs, without Inductor (fastblocks.py);
-                CUDA with Triton, fused projections; any memory profile whose transformer stays resident
+    block_kernels  the main blocks and both refiners scheduled by hand on Triton kernels + the GEMMs, without
+                Inductor (fastblocks.py); CUDA with Triton, fused projections; any memory profile whose transformer
+                stays resident
     step_graphs the transformer's whole forward (one step) replayed as one CUDA graph per shape
                 (cudagraph.GraphedTransformer); CUDA, `full` memory profile, compiled
     2026-11-25, second session (fp8, Standard): block_kernels on (74.7 -> 70.7 ms/step in one engine), step_graphs
@@ -313,8 +314,11 @@ def apply_switches(pipe, device: str, compiled: bool, profile: str, sw: Switches
 
         blocks = cudagraph.install(pipe.transformer)
         blocks.enabled = block_graphs
-        if block_kernels:
-            blocks.kernels = fastblocks.Schedule()
+        if block_kernels:  # the main blocks and both refiners
+            for name in cudagraph.STACKS:
+                stack = blocks if name == "layers" else cudagraph.install(pipe.transformer, name)
+                stack.enabled = stack is blocks and block_graphs
+                stack.kernels = fastblocks.Schedule()
             applied.append("block_kernels")
         if block_graphs:
             applied.append("block_graphs")
