@@ -38,12 +38,9 @@ import torch
 import torch.nn.functional as F
 
 from . import fp8, kernels
+from .fusion import base_linear
 
 log = logging.getLogger("zimage.fastblocks")
-
-
-def _base(module):
-    return getattr(module, "base", module)  # lora.LoraLinear keeps the Linear as `.base`
 
 
 class _Block:
@@ -55,9 +52,9 @@ class _Block:
         self.block = block
         self.modulated = bool(block.modulation)  # the caption refiner's blocks have no adaLN
         self.qkv = attention.fused_qkv
-        self.out = _base(attention.to_out[0])
+        self.out = base_linear(attention.to_out[0])
         self.w13 = ffn.fused_w13
-        self.w2 = _base(ffn.w2)
+        self.w2 = base_linear(ffn.w2)
         self.fp8 = self.qkv.fp8
         self.heads = attention.heads
         self.eps = block.attention_norm1.eps
@@ -101,7 +98,7 @@ def _describe(block) -> "_Block | None":
         return None
     if attention.norm_q is None or attention.norm_k is None or len(attention.to_out) < 1:
         return None
-    out, w2 = _base(attention.to_out[0]), _base(ffn.w2)
+    out, w2 = base_linear(attention.to_out[0]), base_linear(ffn.w2)
     fp8_weights = qkv.fp8
     kinds = {isinstance(m, fp8.Fp8Linear) for m in (out, w2)} | {w13.fp8}
     if kinds != {fp8_weights} or out.bias is not None or w2.bias is not None:

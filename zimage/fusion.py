@@ -35,7 +35,7 @@ from .fp8 import Fp8Linear, scaled_linear, scaled_mm
 log = logging.getLogger("zimage.fusion")
 
 
-def _base(module):
+def base_linear(module):
     """The Linear under a LoRA wrapper (lora.LoraLinear keeps it as `.base`)."""
     return getattr(module, "base", module)
 
@@ -45,7 +45,7 @@ class FusedLinear(torch.nn.Module):
 
     def __init__(self, parts: list[torch.nn.Module]):
         super().__init__()
-        bases = [_base(p) for p in parts]
+        bases = [base_linear(p) for p in parts]
         self.fp8 = isinstance(bases[0], Fp8Linear)
         self.in_features = bases[0].in_features
         self.sizes = [b.out_features for b in bases]
@@ -62,7 +62,7 @@ class FusedLinear(torch.nn.Module):
 
     @staticmethod
     def fusable(parts) -> bool:
-        bases = [_base(p) for p in parts]
+        bases = [base_linear(p) for p in parts]
         kinds = {type(b) for b in bases}
         if len(kinds) != 1 or not kinds <= {torch.nn.Linear, Fp8Linear}:
             return False
@@ -101,7 +101,7 @@ class FusedFeedForward(FeedForward):
     swiglu_kernel = False  # SwiGLU + fp8 quantization of w2's input as one op (kernels.swiglu_quant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w2 = _base(self.w2)
+        w2 = base_linear(self.w2)
         if self.swiglu_kernel and isinstance(w2, Fp8Linear) and not getattr(self.w2, "active", False):
             return self._forward_quantized(x, w2)
         h1, h3 = self.fused_w13.project(x, (self.w1, self.w3))

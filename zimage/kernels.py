@@ -181,17 +181,18 @@ def quantize_heads(o: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # ---- SwiGLU (+ fp8) ---------------------------------------------------------------------------------------------
-def swiglu(h: torch.Tensor, quant: bool = True):
+def swiglu(h: torch.Tensor, quant: bool = True, eager_rounding: bool = False):
     """h (rows, 2N) = [w1 x | w3 x] -> silu(h1) * h3: (e4m3 (rows, N), float32 (rows, 1)) when `quant`, else
-    (h's dtype (rows, N), None)."""
+    (h's dtype (rows, N), None). `eager_rounding`: round silu and the product to bf16 as the eager FFN does
+    (swiglu_quant's contract), instead of keeping them in float32."""
     if not (_use_triton(h) and h.stride(-1) == 1):
-        return swiglu_reference(h, quant)
+        return swiglu_quant_reference(h) if eager_rounding else swiglu_reference(h, quant)
     rows, n = h.shape[0], h.shape[1] // 2
     y = torch.empty((rows, n), dtype=fp8.E4M3 if quant else h.dtype, device=h.device)
     scale = torch.empty((rows, 1), dtype=torch.float32, device=h.device) if quant else None
     t = _triton()
     t.swiglu_kernel[(rows,)](h, y, scale if quant else h, h.stride(0), n, fp8.E4M3_MAX, fp8._TINY,
-                             QUANT=quant, ROUND=False, BLOCK=t.triton.next_power_of_2(n), **CONFIG["swiglu"])
+                             QUANT=quant, ROUND=eager_rounding, BLOCK=t.triton.next_power_of_2(n), **CONFIG["swiglu"])
     return y, scale
 
 
@@ -221,16 +222,7 @@ def swiglu_quant(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     bf16 CUDA input with a unit last stride; the reference for anything else."""
     if not (h.is_cuda and h.dtype == torch.bfloat16 and h.stride(-1) == 1):
         return swiglu_quant_reference(h)
-    n = h.shape[-1] // 2
-    rows = h.numel() // h.shape[-1]
-    h2 = h.reshape(rows, 2 * n)
-    q = torch.empty((rows, n), dtype=fp8.E4M3, device=h.device)
-    scale = torch.empty((rows, 1), dtype=torch.float32, device=h.device)
-    t = _triton()
-    block = t.triton.next_power_of_2(n)
-    t.swiglu_kernel[(rows,)](h2, q, scale, h2.stride(0), n, fp8.E4M3_MAX, fp8._TINY, QUANT=True, ROUND=True,
-                             BLOCK=block, num_warps=16 if block >= 8192 else 8 if block >= 2048 else 4)
-    return q, scale
+    return swiglu(h.reshape(-1, h.shape[-1]), quant=True, eager_rounding=True)
 
 
 swiglu_quant.register_fake(_fake)

@@ -309,19 +309,14 @@ def apply_switches(pipe, device: str, compiled: bool, profile: str, sw: Switches
             applied.append("vae_split_norm")
     block_kernels = sw.block_kernels and fused and on_gpu and kernels.available(device)
     block_graphs = sw.block_graphs and compiled and on_gpu and profile == "full"
-    if block_kernels or block_graphs:
-        from . import fastblocks
-
-        blocks = cudagraph.install(pipe.transformer)
-        blocks.enabled = block_graphs
-        if block_kernels:  # the main blocks and both refiners
-            for name in cudagraph.STACKS:
-                stack = blocks if name == "layers" else cudagraph.install(pipe.transformer, name)
-                stack.enabled = stack is blocks and block_graphs
-                stack.kernels = fastblocks.Schedule()
-            applied.append("block_kernels")
-        if block_graphs:
-            applied.append("block_graphs")
+    if block_kernels:
+        from . import fastblocks  # imports diffusers (through fusion): only where the kernels run
+    # Kernels: the main blocks and both refiners; graphs of a stack of blocks: the main blocks only.
+    for name in cudagraph.STACKS if block_kernels else ("layers",) if block_graphs else ():
+        stack = cudagraph.install(pipe.transformer, name)
+        stack.enabled = block_graphs and name == "layers"
+        stack.kernels = fastblocks.Schedule() if block_kernels else None
+    applied += [name for name, on in (("block_kernels", block_kernels), ("block_graphs", block_graphs)) if on]
     if sw.step_graphs and compiled and on_gpu and profile == "full":
         cudagraph.install_transformer(pipe.transformer)
         applied.append("step_graphs")
