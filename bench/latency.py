@@ -8,9 +8,10 @@ A variant is '+'-joined tokens:
         (max-autotune-no-cudagraphs)
     native | cudnn | flash | efficient | fa3 | fa2     attention backend (diffusers names _native_cudnn, ...)
     fa4        FlashAttention-4 through the project's processor (zimage/fastattn.py)
-    rope / norope, vaec / novaec, cg / nocg, encg / noencg, gn / nogn, fuse / nofuse, kern / nokern, bk / nobk, sg / nosg    speed
-               switches (zimage/speed.py Switches: real_rope, vae_compile, block_graphs, encoder_graphs,
-               vae_split_norm, fused_projections, fused_kernels); unnamed switches keep their defaults
+    rope / norope, vaec / novaec, cg / nocg, encg / noencg, gn / nogn, fuse / nofuse, kern / nokern, bk / nobk,
+    sg / nosg, dg / nodg    speed switches (zimage/speed.py Switches: real_rope, vae_compile, block_graphs,
+               encoder_graphs, vae_split_norm, fused_projections, fused_kernels, block_kernels, step_graphs,
+               decode_graphs); unnamed switches keep their defaults
                (ZIMAGE_SPEED for the process)
     fp8        fp8 rowwise transformer (zimage/fp8.py) (embedders, final layer, adaLN kept bf16)
     tec        compile the text encoder's layers too (regional); teg: the same with CUDA graphs
@@ -58,7 +59,7 @@ ATTENTION = {"native": "native", "cudnn": "_native_cudnn", "flash": "_native_fla
              "fa3": "_flash_3", "fa2": "flash", "fa4": "fa4"}
 SWITCH_TOKENS = {"rope": "real_rope", "vaec": "vae_compile", "cg": "block_graphs", "encg": "encoder_graphs",
                  "gn": "vae_split_norm", "fuse": "fused_projections", "kern": "fused_kernels",
-                 "bk": "block_kernels", "sg": "step_graphs"}
+                 "bk": "block_kernels", "sg": "step_graphs", "dg": "decode_graphs"}
 
 
 def parse_variant(spec: str) -> dict:
@@ -228,20 +229,29 @@ def run_variant(args, spec: str, flops_cache: dict, reference: dict, results: li
             flops_cache[shape] = {"total": 0, "by_module": {}} if args.skip_flops else count_flops(engine, request)
         walls, rows = timed_runs(engine, v, tier, aspect, args.runs)
         graphed = getattr(engine.pipeline.transformer, "layers", None)
+        decode_graphs = cudagraph.decode_graphs(engine.pipeline.vae)
+        nodg = None
+        if "dg" in args.ab and decode_graphs is not None and decode_graphs.enabled:  # dg: decoding eagerly
+            decode_graphs.enabled = False
+            nodg_walls, nodg_rows = timed_runs(engine, v, tier, aspect, args.runs)
+            decode_graphs.enabled = True
+            nodg = {k: round(x, 4) for k, x in summarize(nodg_walls).items()}
+            nodg["decode_s"] = round(statistics.median(r.timings["decode"] for r in nodg_rows), 4)
+            nodg["engine_total_s"] = round(statistics.median(r.timings["total"] for r in nodg_rows), 4)
         nocg = None
-        if hasattr(graphed, "enabled") and graphed.enabled:  # cg: the same engine with the graphs off (A/B)
+        if "cg" in args.ab and hasattr(graphed, "enabled") and graphed.enabled:  # cg: block graphs off
             graphed.enabled = False
             nocg_walls, _ = timed_runs(engine, v, tier, aspect, args.runs)
             graphed.enabled = True
             nocg = {k: round(x, 4) for k, x in summarize(nocg_walls).items()}
         step_graphs = cudagraph.transformer_graphs(engine.pipeline.transformer)
         nosg = None
-        if step_graphs is not None and step_graphs.enabled:  # sg: the same engine with the step graphs off (A/B)
+        if "sg" in args.ab and step_graphs is not None and step_graphs.enabled:  # sg: step graphs off
             step_graphs.enabled = False
             nosg_walls, _ = timed_runs(engine, v, tier, aspect, args.runs)
             nosg = {k: round(x, 4) for k, x in summarize(nosg_walls).items()}
         nobk = None
-        if getattr(graphed, "kernels", None) is not None and not graphed.enabled:
+        if "bk" in args.ab and getattr(graphed, "kernels", None) is not None and not graphed.enabled:
             # bk: the same engine with the main blocks compiled by Inductor instead (A/B; step graphs off too); one
             # untimed generation compiles them first.
             stacks = cudagraph.block_stacks(engine.pipeline.transformer)  # the main blocks and the refiners
@@ -288,7 +298,10 @@ def run_variant(args, spec: str, flops_cache: dict, reference: dict, results: li
             "achieved_tflops": round(flops / e2e["median"] / 1e12, 1),
             "floor_s_at_bf16_peak": round(flops / (BF16_PEAK_TFLOPS * 1e12), 4),
             "describe": engine.describe(), "compile_stats": compiled_stats, "e2e_s_graphs_off": nocg,
-            "e2e_s_block_kernels_off": nobk, "e2e_s_step_graphs_off": nosg, "host_syncs": syncs,
+            "e2e_s_block_kernels_off": nobk, "e2e_s_step_graphs_off": nosg, "e2e_s_decode_graphs_off": nodg,
+            "host_syncs": syncs,
+            "decode_graphs": ({"captures": decode_graphs.captures, "replays": decode_graphs.replays}
+                              if decode_graphs is not None else None),
             "step_graphs": ({"captures": step_graphs.captures, "replays": step_graphs.replays}
                             if step_graphs is not None else None),
             "graphs": ({"captures": graphed.captures, "replays": graphed.replays} if hasattr(graphed, "captures")
@@ -429,6 +442,9 @@ def main(argv=None) -> int:
     ap.add_argument("--profile-out", default="", help="also profile one generation per variant (bench/gpu_profile.py)")
     ap.add_argument("--trace-dir", default="", help="with --profile-out: chrome traces (.json.gz) here")
     ap.add_argument("--skip-flops", action="store_true", help="do not count FLOPs (saves one eager generation)")
+    ap.add_argument("--ab", default="dg,cg,sg,bk", type=lambda text: set(filter(None, text.split(","))),
+                    help="the same-engine A/Bs to run, comma-separated (empty: none): dg decode graphs off, cg block "
+                         "graphs off, sg step graphs off, bk block kernels off")
     ap.add_argument("--sync-debug", action="store_true", help="also list where one generation waits for the GPU")
     ap.add_argument("--kernel-config", default="", help="a JSON file of launch parameters for zimage/kernels.py "
                     "(bench/kernels.py writes the fastest as best_config)")

@@ -212,3 +212,49 @@ def test_the_execution_device_comes_from_the_placement(monkeypatch):
     monkeypatch.setattr(group_offloading, "_get_group_onload_device", walked)
     assert pipe._execution_device == torch.device("cpu")
     assert set(stages.task_pipelines(pipe)) == set(stages.TASK_PIPELINES)
+
+
+def test_decode_graphs_fall_back_off_the_gpu_and_pixels_match_diffusers(shared_engine):
+    """GraphedDecode (decode_graphs) answers None for CPU latents, so the stage decodes eagerly, and the decode both
+    paths share (stages.decode_to_pixels) gives diffusers' own pixels (VaeImageProcessor.postprocess)."""
+    import numpy as np
+
+    from zimage import stages
+
+    pipe = shared_engine.pipeline
+    graphed = cudagraph.install_decode(pipe.vae, stages.decode_to_pixels)
+    try:
+        assert cudagraph.install_decode(pipe.vae, stages.decode_to_pixels) is graphed
+        assert cudagraph.decode_graphs(pipe.vae) is graphed
+        latents = torch.randn(1, pipe.vae.config.latent_channels, 32, 32, generator=torch.Generator().manual_seed(3))
+        assert graphed(latents) is None and graphed.captures == 0 and not graphed.graphs
+        image = shared_engine.stages.decode(latents, tiled=False)
+        with torch.no_grad():
+            scaled = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+            decoded = pipe.vae.decode(scaled, return_dict=False)[0]
+            expected = pipe.image_processor.postprocess(decoded, output_type="pil")[0]
+        assert image.size == expected.size == (256, 256)
+        assert np.array_equal(np.asarray(image), np.asarray(expected))
+        pixels, finite = stages.decode_to_pixels(pipe.vae, latents)
+        assert pixels.dtype == torch.uint8 and pixels.shape == (256, 256, 3) and bool(finite)
+        _, finite = stages.decode_to_pixels(pipe.vae, torch.full_like(latents, float("nan")))
+        assert not bool(finite)
+    finally:
+        del pipe.vae.__dict__["_zimage_graphed_decode"]
+
+
+def test_decode_graphs_are_installed_with_the_compiled_decoder_only(monkeypatch):
+    """apply_switches gives the VAE decode graphs only where it compiled the decoder (CUDA, full profile)."""
+    calls = []
+    monkeypatch.setattr(speed, "compile_vae_decoder", lambda vae, split_norm=False: calls.append("compiled"))
+    monkeypatch.setattr(cudagraph, "install_transformer", lambda transformer: types.SimpleNamespace(_pool="pool"))
+    monkeypatch.setattr(cudagraph, "install_decode", lambda vae, fn, pool=None, room=None: calls.append((pool, room)))
+    monkeypatch.setattr(cudagraph, "install_text_encoder", lambda te: None)
+    pipe = types.SimpleNamespace(vae=object(), transformer=object(), text_encoder=object())
+    sw = speed.Switches(block_kernels=False)
+    applied = speed.apply_switches(pipe, "cuda", True, "full", sw=sw)
+    assert "decode_graphs" in applied and calls[0] == "compiled" and calls[1][0] == "pool" and callable(calls[1][1])
+    calls.clear()
+    assert "decode_graphs" not in speed.apply_switches(pipe, "cuda", True, "16gb", sw=sw) and not calls
+    assert "decode_graphs" not in speed.apply_switches(pipe, "cuda", True, "full",
+                                                       sw=speed.Switches(block_kernels=False, decode_graphs=False))

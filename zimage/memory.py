@@ -116,8 +116,9 @@ def _cap_fraction(dev: torch.device) -> float:
     return getter(dev) if getter else 1.0
 
 
-def fits_untiled_decode(device: str, width: int, height: int) -> bool:
-    """Whether a whole-image decode fits in what the allocator can still hand out; if not, tile it."""
+def fits_untiled_decode(device: str, width: int, height: int, copies: int = 1) -> bool:
+    """Whether a whole-image decode fits in what the allocator can still hand out; if not, tile it. `copies`: room
+    for that many decodes' transients at once (capturing a decode graph runs it eagerly first)."""
     if not device.startswith("cuda"):
         return True
     dev = cuda_device(device)
@@ -125,7 +126,7 @@ def fits_untiled_decode(device: str, width: int, height: int) -> bool:
     reserved, allocated = torch.cuda.memory_reserved(dev), torch.cuda.memory_allocated(dev)
     cap = total * _cap_fraction(dev)
     available = min(free_card + reserved - allocated, cap - allocated)
-    return width * height * DECODE_BYTES_PER_PIXEL <= available
+    return copies * width * height * DECODE_BYTES_PER_PIXEL <= available
 
 
 def usable_gib(device: str) -> float | None:

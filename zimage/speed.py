@@ -44,6 +44,8 @@ class Switches:
                 stays resident
     step_graphs the transformer's whole forward (one step) replayed as one CUDA graph per shape
                 (cudagraph.GraphedTransformer); CUDA, `full` memory profile, compiled
+    decode_graphs  the untiled VAE decode (compiled decoder + pixel conversion) replayed as one CUDA graph per latent
+                shape (cudagraph.GraphedDecode), its transient in the step graphs' pool; with vae_compile
     2026-11-25, second session (fp8, Standard): block_kernels on (74.7 -> 70.7 ms/step in one engine), step_graphs
     on (0.627 -> 0.611 s in one engine; GPU idle 3.2 -> 1.5 ms/step).
     Defaults (measured, H100 2026-11-24, bf16): real_rope on (-3.2 ms/step), vae_compile on (decode 108 -> 45 ms),
@@ -66,6 +68,9 @@ class Switches:
     block_kernels: bool = True
     # predicted fp8: the ~3 ms/step the GPU waits for the host's launches -> ~0; measured idle 3.2 -> 1.5 ms/step
     step_graphs: bool = True
+    # predicted (H200, Standard fp8): decode 37.6 -> ~31 ms (its kernels: 30 ms) and the per-request release
+    # 7.3 -> ~1 ms (the decoder's transient stays in the graph pool instead of being unmapped and mapped again)
+    decode_graphs: bool = True
     precompile: bool = True  # predicted: fp8 restart 66.8 -> <= 40 s (CPU tiny: first warm-up shape 6.2 -> 0.9 s)
 
     @classmethod
@@ -317,9 +322,20 @@ def apply_switches(pipe, device: str, compiled: bool, profile: str, sw: Switches
         stack.enabled = block_graphs and name == "layers"
         stack.kernels = fastblocks.Schedule() if block_kernels else None
     applied += [name for name, on in (("block_kernels", block_kernels), ("block_graphs", block_graphs)) if on]
+    step_graphs = None
     if sw.step_graphs and compiled and on_gpu and profile == "full":
-        cudagraph.install_transformer(pipe.transformer)
+        step_graphs = cudagraph.install_transformer(pipe.transformer)
         applied.append("step_graphs")
+    if sw.decode_graphs and "vae_compile" in applied:
+        from . import memory
+        from .stages import decode_to_pixels
+
+        def room(latents) -> bool:  # the latents are 1/8 of the image per side
+            return memory.fits_untiled_decode(device, 8 * latents.shape[-1], 8 * latents.shape[-2], copies=2)
+
+        pool = cudagraph.shared_pool(step_graphs) if step_graphs is not None else None
+        cudagraph.install_decode(pipe.vae, decode_to_pixels, pool=pool, room=room)
+        applied.append("decode_graphs")
     if sw.encoder_graphs and encoder_compiled and on_gpu:
         cudagraph.install_text_encoder(pipe.text_encoder)
         applied.append("encoder_graphs")
