@@ -258,3 +258,25 @@ def test_decode_graphs_are_installed_with_the_compiled_decoder_only(monkeypatch)
     assert "decode_graphs" not in speed.apply_switches(pipe, "cuda", True, "16gb", sw=sw) and not calls
     assert "decode_graphs" not in speed.apply_switches(pipe, "cuda", True, "full",
                                                        sw=speed.Switches(block_kernels=False, decode_graphs=False))
+
+
+def test_the_transformer_dtype_is_pinned_until_its_tensors_are_converted(monkeypatch):
+    """diffusers' `dtype` walks every submodule and parameter, and the pipelines read `transformer.dtype` every step;
+    the engine's transformer answers it from a cache that a conversion (`.to`) drops."""
+    from diffusers.models import modeling_utils
+
+    from zimage import stages
+
+    transformer = tiny.build_pipeline().transformer
+    original_class = type(transformer)
+    stages.pin_dtype(transformer)
+    stages.pin_dtype(transformer)  # idempotent: one subclass, not a chain
+    assert type(transformer).__mro__[1] is original_class and type(transformer).__name__ == original_class.__name__
+    assert transformer.dtype == torch.float32
+    walks = []
+    real = modeling_utils.get_parameter_dtype
+    monkeypatch.setattr(modeling_utils, "get_parameter_dtype", lambda module: walks.append(1) or real(module))
+    assert transformer.dtype == torch.float32 and not walks  # cached: nothing walked
+    transformer.to(torch.float64)
+    assert transformer.dtype == torch.float64 and len(walks) == 1  # the conversion dropped the cache
+    assert transformer.dtype == torch.float64 and len(walks) == 1
