@@ -22,7 +22,8 @@ samples between blocks by index, which a single runner does not see (the engine 
 
 `GraphedTextEncoder` does the same for the text encoder (Qwen3, 36 compiled layers): one graph per bucket
 length (stages.ENCODE_BUCKET), because the compiled encoder is host-bound on the H100 (31 ms where its
-kernels need ~5 ms, 2026-11-24).
+kernels need ~5 ms, 2026-11-24). `GraphedTransformer` replays a whole denoising step, `GraphedDecode` the untiled
+VAE decode (in the step graphs' pool).
 """
 
 from __future__ import annotations
@@ -105,9 +106,8 @@ class GraphedBlocks(torch.nn.ModuleList):
         self._runner_active = True
         try:
             inputs = (x.clone(), freqs.clone(), adaln.clone())
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            graph, output = capture(lambda: self._loop(inputs[0], None, inputs[1], inputs[2]), x.device, self._pool)
+            graph, output = capture(lambda: self._loop(inputs[0], None, inputs[1], inputs[2]), x.device,
+                                    shared_pool(self))
         except Exception as exc:  # noqa: BLE001 - graphs are an optimisation; the plain loop always works
             self.enabled = False
             log.warning("CUDA graph capture of the transformer blocks failed (%s); running them without graphs",
@@ -115,11 +115,7 @@ class GraphedBlocks(torch.nn.ModuleList):
             return None
         finally:
             self._runner_active = False
-        entry = _Graph(graph, inputs, output)
-        self.graphs[key] = entry
-        self.captures += 1
-        while len(self.graphs) > self.max_graphs:
-            self.graphs.popitem(last=False)
+        entry = remember(self, key, _Graph(graph, inputs, output))
         log.info("captured a CUDA graph of %d transformer blocks for %s", len(self), key[0])
         return entry
 
@@ -127,6 +123,16 @@ class GraphedBlocks(torch.nn.ModuleList):
         """Drop every graph (their pool memory is freed once no graph refers to it)."""
         self.graphs.clear()
         self._pool = None
+
+
+def remember(graphs, key, entry: _Graph) -> _Graph:
+    """Keep `entry` as the newest graph of a graph set (`graphs`, `captures`, `max_graphs`), dropping the least
+    recently used beyond max_graphs."""
+    graphs.graphs[key] = entry
+    graphs.captures += 1
+    while len(graphs.graphs) > graphs.max_graphs:
+        graphs.graphs.popitem(last=False)
+    return entry
 
 
 def capture(fn, device, pool):
@@ -221,19 +227,13 @@ class GraphedTextEncoder:
             return [hidden[i] for i in self.keep]
 
         try:
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            graph, output = capture(run, input_ids.device, self._pool)
+            graph, output = capture(run, input_ids.device, shared_pool(self))
         except Exception as exc:  # noqa: BLE001 - graphs are an optimisation; the plain forward always works
             self.enabled = False
             log.warning("CUDA graph capture of the text encoder failed (%s); running it without graphs",
                         _describe(exc))
             return None
-        entry = _Graph(graph, (static_ids,), output)
-        self.graphs[key] = entry
-        self.captures += 1
-        while len(self.graphs) > self.max_graphs:
-            self.graphs.popitem(last=False)
+        entry = remember(self, key, _Graph(graph, (static_ids,), output))
         log.info("captured a CUDA graph of the text encoder for %d tokens", key[0][1])
         return entry
 
@@ -309,19 +309,13 @@ class GraphedTransformer:
                                       patch_size=patch_size, f_patch_size=f_patch_size)[0])
 
         try:
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            graph, output = capture(run, x[0].device, self._pool)
+            graph, output = capture(run, x[0].device, shared_pool(self))
         except Exception as exc:  # noqa: BLE001 - graphs are an optimisation; the plain forward always works
             self.enabled = False
             log.warning("CUDA graph capture of the transformer failed (%s); running it without graphs",
                         _describe(exc))
             return None
-        entry = _Graph(graph, inputs, output)
-        self.graphs[key] = entry
-        self.captures += 1
-        while len(self.graphs) > self.max_graphs:
-            self.graphs.popitem(last=False)
+        entry = remember(self, key, _Graph(graph, inputs, output))
         log.info("captured a CUDA graph of the transformer for %s", key[0])
         return entry
 
@@ -379,9 +373,7 @@ class GraphedDecode:
     def _capture(self, key, latents):
         static = latents.clone()
         try:
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            graph, output = capture(lambda: self.decode_fn(self.vae, static), latents.device, self._pool)
+            graph, output = capture(lambda: self.decode_fn(self.vae, static), latents.device, shared_pool(self))
         except torch.OutOfMemoryError:
             self.refused.add(key)
             log.warning("no room to capture a CUDA graph of the VAE decode for latents %s; decoding it eagerly", key[0])
@@ -390,11 +382,7 @@ class GraphedDecode:
             self.enabled = False
             log.warning("CUDA graph capture of the VAE decode failed (%s); decoding without graphs", _describe(exc))
             return None
-        entry = _Graph(graph, (static,), output)
-        self.graphs[key] = entry
-        self.captures += 1
-        while len(self.graphs) > self.max_graphs:
-            self.graphs.popitem(last=False)
+        entry = remember(self, key, _Graph(graph, (static,), output))
         log.info("captured a CUDA graph of the VAE decode for latents %s", key[0])
         return entry
 
@@ -418,8 +406,8 @@ def decode_graphs(vae) -> GraphedDecode | None:
 
 
 def shared_pool(graphs) -> object:
-    """The graph pool of `graphs` (a GraphedTransformer, ...), created now if it has none yet, for another set of
-    graphs that never runs at the same time to share: their intermediates then take the same memory."""
+    """The graph pool of a graph set (created now if it has none yet): where its captures allocate, and what another
+    set that never runs at the same time may share, so that their intermediates take the same memory."""
     if graphs._pool is None:
         graphs._pool = torch.cuda.graph_pool_handle()
     return graphs._pool
