@@ -37,7 +37,7 @@ import torch
 
 log = logging.getLogger("zimage.compile_cache")
 
-FORMAT = 1  # bump when the folder layout or what is stored changes
+FORMAT = 2  # bump when the folder layout or what is stored changes (2: floats specialized, speed.use_compile_cache)
 PRECOMPILE_TORCH = "2.13"  # the first torch whose Dynamo precompile packages restarted the engine (use_precompile)
 KEY_LENGTH = 20  # hex digits of sha256 used as the folder name
 
