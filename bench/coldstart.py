@@ -14,7 +14,9 @@ Prints a table; writes JSON.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
+import re
 import shutil
 import sys
 import time
@@ -41,6 +43,23 @@ def save_random_full(folder: Path) -> float:
     return time.perf_counter() - t0
 
 
+def phases_from_log(text: str) -> dict:
+    """Where a start went, from the app's own log lines: the engine's loading phases ("engine loaded (seconds:
+    {...})"), each warm-up shape's seconds ("warm-up Draft 1:1 768x768: 26.67s") and torch.compile's time by phase
+    ("warm-up compile time by phase (s): {...}"). Missing lines leave their keys out."""
+    out: dict = {}
+    loaded = re.search(r"engine loaded \(seconds: (\{[^}]*\})\)", text)
+    if loaded:
+        out["loading_s"] = ast.literal_eval(loaded.group(1))
+    shapes = re.findall(r"warm-up (\w+ \d+:\d+ \d+x\d+(?: \(LoRA branch\))?): ([\d.]+)s", text)
+    if shapes:
+        out["warm_up_s"] = {shape: float(seconds) for shape, seconds in shapes}
+    compiled = re.search(r"warm-up compile time by phase \(s\): (\{[^}]*\})", text)
+    if compiled:
+        out["compile_s"] = ast.literal_eval(compiled.group(1))
+    return out
+
+
 def start_once(args, label: str) -> dict:
     if label == "cold":
         shutil.rmtree(args.cache_dir, ignore_errors=True)
@@ -58,7 +77,7 @@ def start_once(args, label: str) -> dict:
         app.stop()  # our own child, by its pid
     return {"run": label, "server_up_s": None if app.up_after is None else round(app.up_after, 1),
             "ready_s": None if ready is None else round(ready, 1), "timed_out": ready is None,
-            "log": str(app.log_path)}
+            "log": str(app.log_path), **phases_from_log(app.log())}
 
 
 def main(argv=None) -> int:

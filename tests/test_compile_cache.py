@@ -235,3 +235,23 @@ def test_a_failed_start_with_precompile_deletes_the_packages(tiny_settings, tmp_
     finally:
         package.DynamoCache.__dict__.pop("path_prefix", None)  # back to the class's method
     assert not torch._dynamo.config.caching_precompile
+
+
+def test_coldstart_reads_the_start_phases_from_the_engine_log(tiny_settings, caplog):
+    """bench/coldstart.py reports where a start went from the app's log: the engine's loading phases and each warm-up
+    shape's seconds, as the engine writes them (a real start of the tiny engine), and the compile phases line."""
+    from bench.coldstart import phases_from_log
+    from zimage.engine import Engine
+
+    engine = Engine(tiny_settings.replace(warmup="on"))
+    with caplog.at_level(logging.INFO, "zimage.engine"):
+        engine.start()
+    log = "\n".join(f"2026-12-02 11:35:54,445 INFO {r.name}: {r.getMessage()}" for r in caplog.records)
+    log += "\n2026-12-02 11:35:57,273 INFO zimage.engine: warm-up compile time by phase (s): {'total': 16.95}"
+    phases = phases_from_log(log)
+    assert set(phases["loading_s"]) == {"model", "placement", "loras, compile set-up"}
+    warm = engine.status().warm
+    assert phases["warm_up_s"] == {f"{w['preset']} {w['aspect']} {w['width']}x{w['height']}": pytest.approx(
+        w["seconds"], abs=0.01) for w in warm} and warm
+    assert phases["compile_s"] == {"total": 16.95}
+    assert phases_from_log("nothing here") == {}
