@@ -280,3 +280,32 @@ def test_the_transformer_dtype_is_pinned_until_its_tensors_are_converted(monkeyp
     transformer.to(torch.float64)
     assert transformer.dtype == torch.float64 and len(walks) == 1  # the conversion dropped the cache
     assert transformer.dtype == torch.float64 and len(walks) == 1
+
+
+def test_decode_graph_capture_bookkeeping(monkeypatch):
+    """GraphedDecode's capture path without a GPU (capture and the pool handle stubbed): one graph per shape kept
+    least-recently-used first, the pool shared, an out-of-memory capture leaves only that shape to the eager decode,
+    any other failure turns the graphs off."""
+    pools, captured = [], []
+
+    def fake_capture(fn, device, pool):
+        pools.append(pool)
+        captured.append(fn())
+        return types.SimpleNamespace(replay=lambda: None), captured[-1]
+
+    monkeypatch.setattr(cudagraph, "capture", fake_capture)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: "pool")
+    graphed = cudagraph.GraphedDecode(vae=None, decode_fn=lambda vae, z: (z * 2, torch.tensor(True)), max_graphs=1)
+    a, b = torch.ones(1, 4, 2, 2), torch.ones(1, 4, 3, 3)
+    entry = graphed._capture("a", a)
+    assert torch.equal(entry.output[0], a * 2) and graphed.captures == 1 and list(graphed.graphs) == ["a"]
+    graphed._capture("b", b)
+    assert list(graphed.graphs) == ["b"] and graphed.captures == 2 and pools == ["pool", "pool"]  # "a" dropped (LRU)
+
+    def out_of_memory(fn, device, pool):
+        raise torch.OutOfMemoryError("no room")
+
+    monkeypatch.setattr(cudagraph, "capture", out_of_memory)
+    assert graphed._capture("c", a) is None and "c" in graphed.refused and graphed.enabled
+    monkeypatch.setattr(cudagraph, "capture", lambda fn, device, pool: 1 / 0)
+    assert graphed._capture("d", a) is None and not graphed.enabled
