@@ -200,6 +200,18 @@ def count_flops(engine: Engine, request: GenerationRequest) -> dict:
     return {"total": counter.get_total_flops(), "by_module": by_module}
 
 
+AB_TOKENS = ("dg", "cg", "sg", "bk")
+
+
+def ab_tokens(text: str) -> set[str]:
+    """--ab's comma-separated tokens (empty: none); an unknown one is an error, not a silently skipped A/B."""
+    tokens = {t.strip() for t in text.split(",") if t.strip()}
+    unknown = tokens - set(AB_TOKENS)
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown A/B {', '.join(sorted(unknown))}; known: {', '.join(AB_TOKENS)}")
+    return tokens
+
+
 def summarize(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
@@ -256,12 +268,17 @@ def run_variant(args, spec: str, flops_cache: dict, reference: dict, results: li
             # untimed generation compiles them first.
             stacks = cudagraph.block_stacks(engine.pipeline.transformer)  # the main blocks and the refiners
             schedules = [stack.kernels for stack in stacks]
+            step_graphs_were = step_graphs is not None and step_graphs.enabled
+            if step_graphs_were:  # a step graph replays the kernels it captured, whatever the stacks say now
+                step_graphs.enabled = False
             for stack in stacks:
                 stack.kernels = None
             run(engine, request_for(v, tier, aspect, 1234))
             nobk_walls, nobk_rows = timed_runs(engine, v, tier, aspect, args.runs)
             for stack, schedule in zip(stacks, schedules, strict=True):
                 stack.kernels = schedule
+            if step_graphs_were:
+                step_graphs.enabled = True
             nobk = {k: round(x, 4) for k, x in summarize(nobk_walls).items()}
             nobk["per_step_ms"] = round(1000 * statistics.median(r.timings["denoise"] for r in nobk_rows)
                                         / nobk_rows[0].steps, 1)
@@ -442,7 +459,7 @@ def main(argv=None) -> int:
     ap.add_argument("--profile-out", default="", help="also profile one generation per variant (bench/gpu_profile.py)")
     ap.add_argument("--trace-dir", default="", help="with --profile-out: chrome traces (.json.gz) here")
     ap.add_argument("--skip-flops", action="store_true", help="do not count FLOPs (saves one eager generation)")
-    ap.add_argument("--ab", default="dg,cg,sg,bk", type=lambda text: set(filter(None, text.split(","))),
+    ap.add_argument("--ab", default="dg,cg,sg,bk", type=ab_tokens,
                     help="the same-engine A/Bs to run, comma-separated (empty: none): dg decode graphs off, cg block "
                          "graphs off, sg step graphs off, bk block kernels off")
     ap.add_argument("--sync-debug", action="store_true", help="also list where one generation waits for the GPU")

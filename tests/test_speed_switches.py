@@ -252,12 +252,24 @@ def test_decode_graphs_are_installed_with_the_compiled_decoder_only(monkeypatch)
     monkeypatch.setattr(cudagraph, "install_text_encoder", lambda te: None)
     pipe = types.SimpleNamespace(vae=object(), transformer=object(), text_encoder=object())
     sw = speed.Switches(block_kernels=False)
-    applied = speed.apply_switches(pipe, "cuda", True, "full", sw=sw)
+    applied = speed.apply_switches(pipe, "cuda", True, "full", sw=sw, decode_graph_room=True)
     assert "decode_graphs" in applied and calls[0] == "compiled" and calls[1][0] == "pool" and callable(calls[1][1])
     calls.clear()
-    assert "decode_graphs" not in speed.apply_switches(pipe, "cuda", True, "16gb", sw=sw) and not calls
-    assert "decode_graphs" not in speed.apply_switches(pipe, "cuda", True, "full",
+    assert "decode_graphs" not in speed.apply_switches(pipe, "cuda", True, "16gb", sw=sw, decode_graph_room=True)
+    assert not calls
+    assert "decode_graphs" not in speed.apply_switches(pipe, "cuda", True, "full", sw=sw, decode_graph_room=False)
+    assert "decode_graphs" not in speed.apply_switches(pipe, "cuda", True, "full", decode_graph_room=True,
                                                        sw=speed.Switches(block_kernels=False, decode_graphs=False))
+
+
+def test_room_for_decode_graphs_is_decided_up_front():
+    """Decode graphs keep a decode's transient in the graph pool and need two of them to capture: a 24 GiB card has
+    no room beside the full profile's largest tier, an 80 GiB one has; LoRA memory counts; no GPU, no graphs."""
+    assert not memory.room_for_decode_graphs(None, True)
+    assert not memory.room_for_decode_graphs(24.0, True) and not memory.room_for_decode_graphs(24.0, False)
+    assert memory.room_for_decode_graphs(79.2, True) and memory.room_for_decode_graphs(79.2, False)
+    assert memory.room_for_decode_graphs(32.0, True)
+    assert not memory.room_for_decode_graphs(32.0, True, extra_gib=6.0)
 
 
 def test_the_transformer_dtype_is_pinned_until_its_tensors_are_converted(monkeypatch):
@@ -280,12 +292,16 @@ def test_the_transformer_dtype_is_pinned_until_its_tensors_are_converted(monkeyp
     transformer.to(torch.float64)
     assert transformer.dtype == torch.float64 and len(walks) == 1  # the conversion dropped the cache
     assert transformer.dtype == torch.float64 and len(walks) == 1
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(transformer))  # pickles (and torch.save) as diffusers' own class
+    assert type(copy) is original_class and copy.dtype == torch.float64
 
 
 def test_decode_graph_capture_bookkeeping(monkeypatch):
     """GraphedDecode's capture path without a GPU (capture and the pool handle stubbed): one graph per shape kept
-    least-recently-used first, the pool shared, an out-of-memory capture leaves only that shape to the eager decode,
-    any other failure turns the graphs off."""
+    least-recently-used first, the pool shared, a failed capture (out of memory or any other error) turns the
+    graphs off."""
     pools, captured = [], []
 
     def fake_capture(fn, device, pool):
@@ -306,6 +322,7 @@ def test_decode_graph_capture_bookkeeping(monkeypatch):
         raise torch.OutOfMemoryError("no room")
 
     monkeypatch.setattr(cudagraph, "capture", out_of_memory)
-    assert graphed._capture("c", a) is None and "c" in graphed.refused and graphed.enabled
+    assert graphed._capture("c", a) is None and not graphed.enabled and list(graphed.graphs) == ["b"]
+    graphed.enabled = True
     monkeypatch.setattr(cudagraph, "capture", lambda fn, device, pool: 1 / 0)
     assert graphed._capture("d", a) is None and not graphed.enabled

@@ -336,17 +336,18 @@ class GraphedDecode:
     (GraphedTransformer: never running at the same time), so it is neither released nor mapped again.
 
     Captured on a shape's first call (the warm-up decodes each tier once). A capture runs the decode eagerly first,
-    so it needs room for two decodes' transients: `room(latents)` says whether there is (else that call decodes
-    eagerly, and a later one may capture), and an out-of-memory error while capturing leaves that shape to the
-    eager decode for good. Not for tiled decodes (the stage decodes those eagerly), a batch, CPU tensors, grad mode,
-    or after any other capture failure (logged once; the stage then decodes eagerly). Returns the static outputs:
-    the caller copies the pixels to the host before the next decode (the engine's GPU lock serialises decodes)."""
+    so it needs room for two decodes' transients: the engine installs decode graphs only where the card has it
+    (memory.room_for_decode_graphs), and `room(latents)` checks again before each capture (else that call decodes
+    eagerly, and a later one may capture). Not for tiled decodes (the stage decodes those eagerly), a batch, CPU
+    tensors, grad mode, or after a capture failed (logged once; the stage then decodes eagerly): memory a failed
+    capture mapped stays in the shared pool, so after an out-of-memory capture no further one is tried. Returns the
+    static outputs: the caller copies the pixels to the host before the next decode (the engine's GPU lock serialises
+    decodes)."""
 
     def __init__(self, vae: torch.nn.Module, decode_fn, pool=None, room=None, max_graphs: int = MAX_GRAPHS):
         self.vae, self.decode_fn, self.room = vae, decode_fn, room
         self.max_graphs = max_graphs
         self.graphs: collections.OrderedDict = collections.OrderedDict()
-        self.refused: set = set()  # shapes whose capture ran out of memory
         self.enabled = True
         self.captures = self.replays = 0
         self._pool = pool
@@ -359,7 +360,7 @@ class GraphedDecode:
         key = (tuple(latents.shape), latents.dtype, tuple(latents.stride()), latents.device)
         entry = self.graphs.get(key)
         if entry is None:
-            if key in self.refused or (self.room is not None and not self.room(latents)):
+            if self.room is not None and not self.room(latents):
                 return None
             entry = self._capture(key, latents)
             if entry is None:
@@ -375,8 +376,9 @@ class GraphedDecode:
         try:
             graph, output = capture(lambda: self.decode_fn(self.vae, static), latents.device, shared_pool(self))
         except torch.OutOfMemoryError:
-            self.refused.add(key)
-            log.warning("no room to capture a CUDA graph of the VAE decode for latents %s; decoding it eagerly", key[0])
+            self.enabled = False
+            log.warning("out of memory capturing a CUDA graph of the VAE decode for latents %s; decoding without "
+                        "graphs", key[0])
             return None
         except Exception as exc:  # noqa: BLE001 - graphs are an optimisation; the eager decode always works
             self.enabled = False

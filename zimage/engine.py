@@ -231,8 +231,10 @@ class Engine:
                 if not self.placement.profile.text_encoder_streamed:
                     speed.compile_text_encoder(pipe.text_encoder)
             encoder_compiled = self.settings.compile_enabled() and not self.placement.profile.text_encoder_streamed
+            decode_graph_room = memory.room_for_decode_graphs(self.usable_gib, self.fp8, self.lora_reserve_gib)
             self.speed_switches = speed.apply_switches(pipe, self.device, self.compiled, self.placement.profile.name,
-                                                       encoder_compiled=encoder_compiled, fused=bool(fused))
+                                                       encoder_compiled=encoder_compiled, fused=bool(fused),
+                                                       decode_graph_room=decode_graph_room)
             if fused:
                 from . import fusion  # imports diffusers, as loading did by now
 

@@ -81,11 +81,13 @@ class FusedLinear(torch.nn.Module):
         The branch is added in place, into the slice: every part's output keeps the slice's layout whether a branch
         runs or not. (A new contiguous tensor for the parts with a branch sent the attention and FFN math down other
         CPU kernels: an all-zero branch then changed the latents by ~3e-6 on an AMD EPYC host, 2026-12-02.)"""
-        outs = self(x).split(self.sizes, dim=-1)
-        for out, part in zip(outs, parts):
+        outs = list(self(x).split(self.sizes, dim=-1))
+        for i, (out, part) in enumerate(zip(outs, parts)):
             if getattr(part, "active", False):
-                out.add_(part.branch(x).to(out.dtype))
-        return list(outs)
+                branch = part.branch(x).to(out.dtype)
+                # autograd refuses in-place changes to one of several views (training through this path)
+                outs[i] = out + branch if torch.is_grad_enabled() else out.add_(branch)
+        return outs
 
     def intact(self) -> bool:
         """Every part's weight (and fp8 scales) still lies in this module's storage."""

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .presets import TIERS
+from .presets import AREA_TOLERANCE, TIERS
 from .units import GIB
 
 log = logging.getLogger("zimage.memory")
@@ -127,6 +127,20 @@ def fits_untiled_decode(device: str, width: int, height: int, copies: int = 1) -
     cap = total * _cap_fraction(dev)
     available = min(free_card + reserved - allocated, cap - allocated)
     return copies * width * height * DECODE_BYTES_PER_PIXEL <= available
+
+
+def room_for_decode_graphs(usable: float | None, fp8: bool, extra_gib: float = 0.0) -> bool:
+    """Whether the `full` profile can keep the VAE decode as CUDA graphs (speed switch decode_graphs): room for its
+    largest tier's peak plus two untiled decodes of the largest untiled tier (capturing one runs it eagerly first,
+    and the graph pool then keeps its transient), with the usual headroom. A capture that runs out of memory would
+    leave the memory it had mapped in the graph pool for good, so the decision is made here, up front (H200, fp8:
+    yes; a 24 GiB card: no). `extra_gib`: more in use beside the model (LoRA slots, merge mode's weight copy)."""
+    if usable is None:
+        return False
+    pixels = max(t.area for t in TIERS.values() if not t.vae_tiling) * (1 + AREA_TOLERANCE)
+    need = (max(EXPECTED_PEAK_GIB[("full", fp8)].values()) + 2 * pixels * DECODE_BYTES_PER_PIXEL / GIB + HEADROOM_GIB
+            + extra_gib)
+    return need <= usable
 
 
 def usable_gib(device: str) -> float | None:

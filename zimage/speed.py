@@ -303,11 +303,12 @@ def compile_vae_decoder(vae, split_norm: bool = False) -> None:
 
 
 def apply_switches(pipe, device: str, compiled: bool, profile: str, sw: Switches | None = None,
-                   encoder_compiled: bool = False, fused: bool = False) -> list[str]:
+                   encoder_compiled: bool = False, fused: bool = False, decode_graph_room: bool = False) -> list[str]:
     """The switches that act after compile was set up (VAE compile, block kernels and graphs, encoder graphs).
     Returns what was applied, for the log and describe(). Real RoPE is applied with the attention backend
     (apply_attention_backend). `encoder_compiled`: the text encoder's layers are compiled and it stays on the GPU
-    (not streamed). `fused`: the transformer's projections are fused (fuse_projections)."""
+    (not streamed). `fused`: the transformer's projections are fused (fuse_projections). `decode_graph_room`: the
+    GPU has room to keep the VAE decode as CUDA graphs (memory.room_for_decode_graphs)."""
     from . import cudagraph, kernels
 
     sw = sw or switches()
@@ -333,7 +334,7 @@ def apply_switches(pipe, device: str, compiled: bool, profile: str, sw: Switches
     if sw.step_graphs and compiled and on_gpu and profile == "full":
         step_graphs = cudagraph.install_transformer(pipe.transformer)
         applied.append("step_graphs")
-    if sw.decode_graphs and "vae_compile" in applied:
+    if sw.decode_graphs and "vae_compile" in applied and decode_graph_room:
         from . import memory
         from .stages import decode_to_pixels
 

@@ -21,6 +21,7 @@ the mask (feathered inward), so pixels outside the mask are exactly the input's.
 from __future__ import annotations
 
 import collections
+import copyreg
 import functools
 import logging
 import threading
@@ -270,9 +271,29 @@ def pin_execution_device(pipe, device: str) -> None:
 @functools.cache
 def _pinned_device_class(cls):
     """`cls` with `_execution_device` read from the instance (same name and module, for logs and reprs)."""
-    return type(cls.__name__, (cls,), {"_zimage_pinned": True, "__module__": cls.__module__,
-                                       "__qualname__": cls.__qualname__,
-                                       "_execution_device": property(lambda self: self._zimage_execution_device)})
+    return _pinned_subclass(cls, {"_zimage_pinned": True,
+                                  "_execution_device": property(lambda self: self._zimage_execution_device)})
+
+
+def _new_instance(cls, *args):
+    return cls.__new__(cls, *args)
+
+
+def _pinned_subclass(cls, namespace: dict):
+    """A subclass of `cls` under the same name and module (logs, reprs, diffusers' configs), whose instances pickle as
+    `cls` (the name resolves to `cls` when loaded; the pin is not carried over)."""
+
+    def __reduce_ex__(self, protocol):
+        reduced = list(super(pinned, self).__reduce_ex__(protocol))
+        if len(reduced) > 1 and reduced[1] and reduced[1][0] is pinned:
+            if reduced[0] is copyreg.__newobj__:  # pickle insists that __newobj__'s class is the object's
+                reduced[0] = _new_instance
+            reduced[1] = (cls, *reduced[1][1:])
+        return tuple(reduced)
+
+    pinned = type(cls.__name__, (cls,), {"__module__": cls.__module__, "__qualname__": cls.__qualname__,
+                                         "__reduce_ex__": __reduce_ex__, **namespace})
+    return pinned
 
 
 def pin_dtype(module) -> None:
@@ -296,8 +317,7 @@ def _pinned_dtype_class(cls):
         self.__dict__.pop("_zimage_dtype", None)
         return super(pinned, self)._apply(fn, recurse)
 
-    pinned = type(cls.__name__, (cls,), {"_zimage_pinned_dtype": True, "__module__": cls.__module__,
-                                         "__qualname__": cls.__qualname__, "dtype": property(dtype), "_apply": _apply})
+    pinned = _pinned_subclass(cls, {"_zimage_pinned_dtype": True, "dtype": property(dtype), "_apply": _apply})
     return pinned
 
 
