@@ -94,11 +94,13 @@ class Supervised:
             return None if "timed out" in str(exc) else False
 
     def wait_new_ready(self, old_pid: int, timeout: float = 240) -> tuple[int, float]:
-        """Seconds until a process other than `old_pid` serves /readyz 200."""
+        """Seconds until a process other than `old_pid` serves /readyz 200 and supervisord calls it RUNNING.
+        Both: serve.sh's watcher marks it RUNNING a moment after the first 200, and httpok watches RUNNING
+        programs only, so a test that hangs the app in between would wait for startsecs (600 s), not httpok."""
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout:
             pid = self.pid()
-            if pid not in (0, old_pid) and self.ready():
+            if pid not in (0, old_pid) and self.ready() and self.state() == "RUNNING":
                 return pid, time.monotonic() - t0
             time.sleep(0.5)
         raise TimeoutError(f"no new ready zimage after {timeout}s; monitor log:\n{self.monitor_log()}")
