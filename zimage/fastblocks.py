@@ -11,7 +11,7 @@ one block fused into the first norm of the next, a block is eleven launches (ten
     (first block only) RMSNorm(x) * (1 + scale_msa) -> e4m3          kernels.residual_norm
     q/k/v GEMM (fused weight)                                         fp8.scaled_mm / F.linear
     per-head RMSNorm + RoPE of q and k                                kernels.qk_norm_rope
-    attention (FlashAttention-4 where installed, else SDPA)
+    attention (FlashAttention-4 where installed, else SDPA; 8-bit with switch fp8_attention)   fp8_attention.py
     attention output -> e4m3; to_out GEMM                             kernels.quantize_heads
     x += tanh(gate_msa) * RMSNorm(attn); RMSNorm(x) * (1 + scale_mlp) -> e4m3     kernels.residual_norm
     w1/w3 GEMM (fused weight); silu(h1) * h3 -> e4m3; w2 GEMM        kernels.swiglu
@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from . import fp8, kernels
+from . import fp8_attention as attention8
 from .fusion import base_linear
 
 log = logging.getLogger("zimage.fastblocks")
@@ -111,8 +112,9 @@ def _describe(block) -> "_Block | None":
 class Schedule:
     """The schedules of a block stack (`transformer.layers`), built on first use."""
 
-    def __init__(self, allow_cpu: bool = False):
+    def __init__(self, allow_cpu: bool = False, fp8_attention: bool = False):
         self.blocks: list[_Block] | None = None
+        self.fp8_attention = fp8_attention  # attention on 8-bit operands (fp8_attention.py) where its shapes fit
         self.layers: tuple = ()  # the modules `blocks` was planned for (a plan that failed is kept too)
         self.runs = 0
         self.allow_cpu = allow_cpu  # the tests: CPU tensors run the kernels' PyTorch references
@@ -139,10 +141,11 @@ class Schedule:
         if blocks is None or not all(b.ready() for b in blocks) or (adaln is None) == blocks[0].modulated:
             return None
         self.runs += 1
-        return run_blocks(blocks, x, freqs, adaln)
+        return run_blocks(blocks, x, freqs, adaln, self.fp8_attention)
 
 
-def run_blocks(blocks: list[_Block], x: torch.Tensor, freqs: torch.Tensor, adaln: torch.Tensor | None) -> torch.Tensor:
+def run_blocks(blocks: list[_Block], x: torch.Tensor, freqs: torch.Tensor, adaln: torch.Tensor | None,
+               fp8_attention: bool = False) -> torch.Tensor:
     batch, seq, dim = x.shape
     rows = batch * seq
     quant = blocks[0].fp8
@@ -165,7 +168,8 @@ def run_blocks(blocks: list[_Block], x: torch.Tensor, freqs: torch.Tensor, adaln
         qkv = b.gemm(b.qkv, h, h_scale)
         qk = kernels.qk_norm_rope(qkv, q_weight, k_weight, freqs, b.heads, b.qk_eps)
         shape = (batch, seq, b.heads, dim // b.heads)
-        o = b.attend(qk[0].view(shape), qk[1].view(shape), qkv[:, 2 * dim:].view(shape))
+        q, k, v = qk[0].view(shape), qk[1].view(shape), qkv[:, 2 * dim:].view(shape)
+        o = attention8.attention(q, k, v) if fp8_attention and attention8.supported(q) else b.attend(q, k, v)
         if quant:
             o, o_scale = kernels.quantize_heads(o)
         else:

@@ -46,6 +46,8 @@ class Switches:
                 (cudagraph.GraphedTransformer); CUDA, `full` memory profile, compiled
     decode_graphs  the untiled VAE decode (compiled decoder + pixel conversion) replayed as one CUDA graph per latent
                 shape (cudagraph.GraphedDecode), its transient in the step graphs' pool; with vae_compile
+    fp8_attention  the blocks' attention on 8-bit operands (int8 QK^T, e4m3 PV; fp8_attention.py, a Triton kernel)
+                instead of bf16 SDPA/FA4; with block_kernels, fp8 or bf16 weights alike
     2026-11-25, second session (fp8, Standard): block_kernels on (74.7 -> 70.7 ms/step in one engine), step_graphs
     on (0.627 -> 0.611 s in one engine; GPU idle 3.2 -> 1.5 ms/step).
     Defaults (measured, H100 2026-11-24, bf16): real_rope on (-3.2 ms/step), vae_compile on (decode 108 -> 45 ms),
@@ -71,6 +73,10 @@ class Switches:
     # predicted (H200, Standard fp8): decode 37.6 -> ~31 ms (its kernels: 30 ms) and the per-request release
     # 7.3 -> ~1 ms (the decoder's transient stays in the graph pool instead of being unmapped and mapped again)
     decode_graphs: bool = True
+    # Off until measured on a GPU (written 2026-12-07 without device time; CPU: Triton's interpreter). Predicted
+    # (H200, Standard, fp8): attention 16.3 -> ~10-11 ms/step at ~1.5x cuDNN's bf16 rate, quantization ~1 ms/step
+    # extra: ~-35 ms a generation; quality: latents rel-L2 vs the same engine's bf16 attention to be measured.
+    fp8_attention: bool = False
     precompile: bool = True  # predicted: fp8 restart 66.8 -> <= 40 s (CPU tiny: first warm-up shape 6.2 -> 0.9 s)
 
     @classmethod
@@ -328,8 +334,9 @@ def apply_switches(pipe, device: str, compiled: bool, profile: str, sw: Switches
     for name in cudagraph.STACKS if block_kernels else ("layers",) if block_graphs else ():
         stack = cudagraph.install(pipe.transformer, name)
         stack.enabled = block_graphs and name == "layers"
-        stack.kernels = fastblocks.Schedule() if block_kernels else None
-    applied += [name for name, on in (("block_kernels", block_kernels), ("block_graphs", block_graphs)) if on]
+        stack.kernels = fastblocks.Schedule(fp8_attention=sw.fp8_attention) if block_kernels else None
+    applied += [name for name, on in (("block_kernels", block_kernels), ("block_graphs", block_graphs),
+                                      ("fp8_attention", block_kernels and sw.fp8_attention)) if on]
     step_graphs = None
     if sw.step_graphs and compiled and on_gpu and profile == "full":
         step_graphs = cudagraph.install_transformer(pipe.transformer)

@@ -1,0 +1,204 @@
+"""Attention on 8-bit operands on the tensor cores: a FlashAttention-style forward in Triton (speed switch
+`fp8_attention`, inside the block schedule of fastblocks.py).
+
+Why: with the GEMMs at the fp8 floor, attention is a quarter of the fp8 denoise step (H200, 2026-12-02: 16.3 of
+~64 ms busy a step, cuDNN's bf16 kernel at ~670 TFLOP/s). The tensor cores run int8 and e4m3 at twice the bf16 rate,
+so both of attention's matrix products in 8 bits are the largest lever left, and the only one of that size for
+bf16 weights.
+
+Numerics (SageAttention's split -- int8 for QK^T, e4m3 for PV -- with per-tile scales):
+    q, k       each (token tile of TILE = 128, head) block quantized with one float32 scale: int8 (QK_FORMAT, its
+               largest magnitude maps to 127; for Gaussian-like values ~3x less rounding error on the logits than
+               e4m3's 3-bit mantissa) or e4m3. q and k come out of a per-head RMSNorm, so tiles are alike in scale.
+    v          the same tiles in e4m3 (largest magnitude -> 448). e4m3 is a floating-point format -- 15 binades of
+               normal range -- so a coarse scale costs little beyond the 3-bit mantissa.
+    S = QK^T   int8 x int8 -> int32 (or e4m3 -> float32) on the tensor cores, times (softmax scale x q tile scale x
+               k tile scale).
+    softmax    online (running max and sum in float32, as FlashAttention).
+    O = PV     P in [0, 1] is stored as e4m3 after scaling it by c_j = 448 sv_j / max(sv) for key tile j (so the
+               largest tile uses the whole e4m3 range, and P times V's per-tile scale is exact up to P's rounding:
+               the accumulator stays in one unit, max(sv) / 448, and the tensor cores accumulate in place). The
+               scaling folds into the exponent: exp2(s - m + log2 c_j). The row sum uses the unrounded P.
+    out        acc * max(sv) / 448 / rowsum, bf16, in the (B, S, H, D) layout the to_out projection reads.
+
+V is stored transposed per head, (B, H, D, S): for the second product the e4m3 tensor-core instruction on Hopper
+needs its B operand K-major, i.e. tokens contiguous (as Triton's fused-attention tutorial does for fp8).
+
+`attention_reference` is the same arithmetic in PyTorch (what a CPU runs; its softmax uses the final row maximum
+where the kernel's is running, so P rounds slightly differently). tests/test_fp8_attention.py checks the kernels in
+Triton's interpreter against it and both against exact attention; the end-to-end quality bound on the GPU is in
+docs/PERFORMANCE.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from . import fp8
+from .kernels import _use_triton
+
+TILE = 128  # tokens per quantization scale; the kernel's blocks divide it
+# The format of q and k for the first product: "int8" (SageAttention's choice: ~3x less rounding error than e4m3
+# on the logits for the same tensor-core rate on Hopper) or "e4m3". V and P are e4m3 either way.
+QK_FORMAT = "int8"
+INT8_MAX = 127.0
+# Launch parameters (bench/kernels.py can sweep them on the GPU). Not yet tuned on a device.
+CONFIG = {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3}
+QUANTIZE_CONFIG = {"num_warps": 8}
+
+
+def supported(q: torch.Tensor) -> bool:
+    """The kernel's shapes: (B, S, H, D) bf16 with D a power of two in [16, 256]."""
+    d = q.shape[-1]
+    return q.dim() == 4 and q.dtype == torch.bfloat16 and 16 <= d <= 256 and d & (d - 1) == 0
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Non-causal attention of (B, S, H, D) bf16 tensors (any strides with a unit last one) in e4m3; returns
+    (B, S, H, D) bf16, contiguous."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q8, sq = quantize_tiles(q, fmt=QK_FORMAT)
+    k8, sk = quantize_tiles(k, fmt=QK_FORMAT)
+    v8, sv = quantize_tiles(v, transpose=True)
+    if not _use_triton(q8):
+        return attention_reference(q8, sq, k8, sk, v8, sv, scale)
+    b, s, h, d = q.shape
+    out = torch.empty((b, s, h, d), dtype=torch.bfloat16, device=q.device)
+    cfg, t = CONFIG, _triton()
+    tiles = sq.shape[-1]
+    grid = (t.triton.cdiv(s, cfg["block_m"]), b * h)
+    t.attention_kernel[grid](q8, k8, v8, sq, sk, sv, out, out.stride(0), out.stride(1), out.stride(2), s, h, tiles,
+                             scale * math.log2(math.e), fp8.E4M3_MAX, D=d, TILE=TILE, TILES=t.triton.next_power_of_2(tiles),
+                             BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], EVEN=s % cfg["block_n"] == 0,
+                             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out
+
+
+# ---- quantization: per (token tile, head) ------------------------------------------------------------------
+def quantize_tiles(x: torch.Tensor, transpose: bool = False, fmt: str = "e4m3") -> tuple[torch.Tensor, torch.Tensor]:
+    """x (B, S, H, D), unit last stride -> e4m3 or int8 (`fmt`) (B, H, S, D), or (B, H, D, S) when `transpose`,
+    and float32 scales (B, H, ceil(S / TILE)) with x ~= q * scale of its tile."""
+    if not _use_triton(x):
+        return quantize_tiles_reference(x, transpose, fmt)
+    b, s, h, d = x.shape
+    tiles = -(-s // TILE)
+    int8 = fmt == "int8"
+    q = torch.empty((b, h, d, s) if transpose else (b, h, s, d), dtype=torch.int8 if int8 else fp8.E4M3,
+                    device=x.device)
+    scale = torch.empty((b, h, tiles), dtype=torch.float32, device=x.device)
+    _triton().quantize_kernel[(tiles, b * h)](x, x.stride(0), x.stride(1), x.stride(2), q, scale, s, h, tiles,
+                                              INT8_MAX if int8 else fp8.E4M3_MAX, fp8._TINY, D=d, TILE=TILE,
+                                              TRANSPOSE=transpose, INT8=int8, **QUANTIZE_CONFIG)
+    return q, scale
+
+
+def quantize_tiles_reference(x: torch.Tensor, transpose: bool = False,
+                             fmt: str = "e4m3") -> tuple[torch.Tensor, torch.Tensor]:
+    b, s, h, d = x.shape
+    tiles = -(-s // TILE)
+    top = INT8_MAX if fmt == "int8" else fp8.E4M3_MAX
+    xf = torch.nn.functional.pad(x.float().permute(0, 2, 1, 3), (0, 0, 0, tiles * TILE - s))  # (B, H, S', D)
+    blocks = xf.unflatten(2, (tiles, TILE))
+    scale = blocks.abs().amax(dim=(-2, -1)).clamp(min=fp8._TINY) / top  # (B, H, tiles)
+    q = (blocks / scale[..., None, None]).clamp(-top, top)
+    # int8: round half away from zero, as the kernel (add 0.5 toward the sign, then truncate)
+    q = torch.trunc(q + 0.5 * torch.sign(q)).to(torch.int8) if fmt == "int8" else q.to(fp8.E4M3)
+    q = q.flatten(2, 3)[:, :, :s]
+    return (q.transpose(-1, -2) if transpose else q).contiguous(), scale
+
+
+def _per_token(scale: torch.Tensor, s: int) -> torch.Tensor:
+    """(B, H, tiles) -> (B, H, S): each token's tile scale."""
+    return scale.repeat_interleave(TILE, dim=-1)[..., :s]
+
+
+def attention_reference(q8, sq, k8, sk, v8t, sv, scale: float) -> torch.Tensor:
+    """The kernel's arithmetic in PyTorch (float32): e4m3 inputs as quantize_tiles returns them; (B, S, H, D) bf16."""
+    s = q8.shape[2]
+    logits = (q8.float() @ k8.float().transpose(-1, -2)) * (scale * _per_token(sq, s)[..., :, None]
+                                                             * _per_token(sk, s)[..., None, :])
+    p = torch.exp(logits - logits.amax(dim=-1, keepdim=True))
+    rowsum = p.sum(dim=-1, keepdim=True)
+    sv_max = sv.amax(dim=-1, keepdim=True)  # (B, H, 1)
+    c = _per_token(fp8.E4M3_MAX * sv / sv_max, s)  # P's per-key-tile factor
+    p8 = (p * c[..., None, :]).to(fp8.E4M3).float()
+    out = (p8 @ v8t.float().transpose(-1, -2)) * (sv_max[..., None] / fp8.E4M3_MAX) / rowsum
+    return out.transpose(1, 2).to(torch.bfloat16).contiguous()
+
+
+@functools.cache
+def _triton():
+    """Triton is imported on first use only (CPU installs have none)."""
+    import types
+
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def quantize_kernel(x_ptr, stride_b, stride_s, stride_h, q_ptr, scale_ptr, seq, heads, tiles, top, tiny,
+                        D: tl.constexpr, TILE: tl.constexpr, TRANSPOSE: tl.constexpr, INT8: tl.constexpr):
+        tile, bh = tl.program_id(0), tl.program_id(1)
+        b, h = bh // heads, bh % heads
+        rows = tile * TILE + tl.arange(0, TILE)
+        cols = tl.arange(0, D)
+        mask = (rows < seq)[:, None]
+        src = x_ptr + b.to(tl.int64) * stride_b + rows.to(tl.int64)[:, None] * stride_s + h * stride_h + cols[None, :]
+        x = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+        s = tl.maximum(tl.max(tl.max(tl.abs(x), axis=1), axis=0), tiny) / top
+        q = tl.minimum(tl.maximum(x / s, -top), top)
+        if INT8:  # round half away from zero; the cast truncates
+            q = q + tl.where(q >= 0, 0.5, -0.5)
+        q = q.to(q_ptr.dtype.element_ty)
+        base = q_ptr + bh.to(tl.int64) * seq * D
+        if TRANSPOSE:  # (D, S) per head: tokens contiguous
+            tl.store(base + cols[:, None] * seq + rows[None, :], tl.trans(q), mask=(rows < seq)[None, :])
+        else:
+            tl.store(base + rows[:, None] * D + cols[None, :], q, mask=mask)
+        tl.store(scale_ptr + bh * tiles + tile, s)
+
+    @triton.jit
+    def attention_kernel(q_ptr, k_ptr, vt_ptr, sq_ptr, sk_ptr, sv_ptr, o_ptr, so_b, so_s, so_h, seq, heads, tiles,
+                         qk_scale, fp8_max, D: tl.constexpr, TILE: tl.constexpr, TILES: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN: tl.constexpr):
+        start_m, bh = tl.program_id(0) * BLOCK_M, tl.program_id(1)
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, D)
+        base = bh.to(tl.int64) * seq * D  # the same for (S, D) and (D, S) per head
+        q = tl.load(q_ptr + base + offs_m[:, None] * D + offs_d[None, :], mask=(offs_m < seq)[:, None], other=0.0)
+        # log2-domain logits: softmax scale x log2(e) x the q tile's scale (x the k tile's, in the loop)
+        q_scale = qk_scale * tl.load(sq_ptr + bh * tiles + start_m // TILE)
+        t = tl.arange(0, TILES)
+        sv_max = tl.max(tl.load(sv_ptr + bh * tiles + t, mask=t < tiles, other=0.0), axis=0)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        for start_n in range(0, seq, BLOCK_N):
+            n = start_n + offs_n
+            if EVEN:
+                k = tl.load(k_ptr + base + n[:, None] * D + offs_d[None, :])
+                vt = tl.load(vt_ptr + base + offs_d[:, None] * seq + n[None, :])
+            else:
+                k = tl.load(k_ptr + base + n[:, None] * D + offs_d[None, :], mask=(n < seq)[:, None], other=0.0)
+                vt = tl.load(vt_ptr + base + offs_d[:, None] * seq + n[None, :], mask=(n < seq)[None, :], other=0.0)
+            tile = bh * tiles + start_n // TILE
+            qk = tl.dot(q, tl.trans(k)).to(tl.float32) * (q_scale * tl.load(sk_ptr + tile))  # int32 for int8
+            if not EVEN:
+                qk = tl.where((n < seq)[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+            c = fp8_max * tl.load(sv_ptr + tile) / sv_max  # P's factor for this key tile (<= 448)
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - (m_new - tl.log2(c))[:, None])  # P x c
+            l_i = l_i * alpha + tl.sum(p, axis=1) / c
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p.to(vt.dtype), tl.trans(vt), acc)
+            m_i = m_new
+        out = acc * (sv_max / fp8_max) / l_i[:, None]
+        b, h = bh // heads, bh % heads
+        dst = o_ptr + b.to(tl.int64) * so_b + offs_m.to(tl.int64)[:, None] * so_s + h * so_h + offs_d[None, :]
+        tl.store(dst, out.to(o_ptr.dtype.element_ty), mask=(offs_m < seq)[:, None])
+
+    return types.SimpleNamespace(triton=triton, quantize_kernel=quantize_kernel, attention_kernel=attention_kernel)
