@@ -9,9 +9,9 @@ A variant is '+'-joined tokens:
     native | cudnn | flash | efficient | fa3 | fa2     attention backend (diffusers names _native_cudnn, ...)
     fa4        FlashAttention-4 through the project's processor (zimage/fastattn.py)
     rope / norope, vaec / novaec, cg / nocg, encg / noencg, gn / nogn, fuse / nofuse, kern / nokern, bk / nobk,
-    sg / nosg, dg / nodg    speed switches (zimage/speed.py Switches: real_rope, vae_compile, block_graphs,
-               encoder_graphs, vae_split_norm, fused_projections, fused_kernels, block_kernels, step_graphs,
-               decode_graphs); unnamed switches keep their defaults
+    sg / nosg, dg / nodg, fa8 / nofa8    speed switches (zimage/speed.py Switches: real_rope, vae_compile,
+               block_graphs, encoder_graphs, vae_split_norm, fused_projections, fused_kernels, block_kernels,
+               step_graphs, decode_graphs, fp8_attention); unnamed switches keep their defaults
                (ZIMAGE_SPEED for the process)
     fp8        fp8 rowwise transformer (zimage/fp8.py) (embedders, final layer, adaLN kept bf16)
     tec        compile the text encoder's layers too (regional); teg: the same with CUDA graphs
@@ -59,7 +59,7 @@ ATTENTION = {"native": "native", "cudnn": "_native_cudnn", "flash": "_native_fla
              "fa3": "_flash_3", "fa2": "flash", "fa4": "fa4"}
 SWITCH_TOKENS = {"rope": "real_rope", "vaec": "vae_compile", "cg": "block_graphs", "encg": "encoder_graphs",
                  "gn": "vae_split_norm", "fuse": "fused_projections", "kern": "fused_kernels",
-                 "bk": "block_kernels", "sg": "step_graphs", "dg": "decode_graphs"}
+                 "bk": "block_kernels", "sg": "step_graphs", "dg": "decode_graphs", "fa8": "fp8_attention"}
 
 
 def parse_variant(spec: str) -> dict:
@@ -200,7 +200,7 @@ def count_flops(engine: Engine, request: GenerationRequest) -> dict:
     return {"total": counter.get_total_flops(), "by_module": by_module}
 
 
-AB_TOKENS = ("dg", "cg", "sg", "bk")
+AB_TOKENS = ("dg", "cg", "sg", "bk", "fa8")
 
 
 def ab_tokens(text: str) -> set[str]:
@@ -284,6 +284,31 @@ def run_variant(args, spec: str, flops_cache: dict, reference: dict, results: li
                                         / nobk_rows[0].steps, 1)
         if step_graphs is not None and nosg is not None:
             step_graphs.enabled = True
+        fa8 = None
+        schedules = [stack.kernels for stack in cudagraph.block_stacks(engine.pipeline.transformer)
+                     if getattr(stack, "kernels", None) is not None]
+        if "fa8" in args.ab and schedules:
+            # fa8: the same engine with the blocks' 8-bit attention switched the other way (on where the variant has
+            # it off); the step graphs are captured again for it (and once more after). Quality: latents of seed
+            # 1234 against this engine's first call.
+            fa8 = {"fp8_attention": not schedules[0].fp8_attention}
+            for schedule in schedules:
+                schedule.fp8_attention = fa8["fp8_attention"]
+            if step_graphs is not None:
+                step_graphs.clear()
+            other = run(engine, request_for(v, tier, aspect, 1234), keep_latents=True)
+            fa8_walls, fa8_rows = timed_runs(engine, v, tier, aspect, args.runs)
+            for schedule in schedules:
+                schedule.fp8_attention = not fa8["fp8_attention"]
+            if step_graphs is not None:
+                step_graphs.clear()
+            ref_latents = first.latents[0]
+            fa8.update({k: round(x, 4) for k, x in summarize(fa8_walls).items()})
+            fa8["per_step_ms"] = round(1000 * statistics.median(r.timings["denoise"] for r in fa8_rows)
+                                       / fa8_rows[0].steps, 1)
+            fa8["rel_l2_latents_vs_first"] = round(float((other.latents[0] - ref_latents).norm() / ref_latents.norm()), 5)
+            fa8["nonfinite"] = not bool(torch.isfinite(other.latents[0]).all())
+            run(engine, request_for(v, tier, aspect, 1234))  # the next calls replay graphs of the variant's own kind
         syncs = host_syncs(engine, request) if args.sync_debug and torch.cuda.is_available() else None
         png = []
         for r in rows[:3]:
@@ -316,6 +341,7 @@ def run_variant(args, spec: str, flops_cache: dict, reference: dict, results: li
             "floor_s_at_bf16_peak": round(flops / (BF16_PEAK_TFLOPS * 1e12), 4),
             "describe": engine.describe(), "compile_stats": compiled_stats, "e2e_s_graphs_off": nocg,
             "e2e_s_block_kernels_off": nobk, "e2e_s_step_graphs_off": nosg, "e2e_s_decode_graphs_off": nodg,
+            "fp8_attention_toggled": fa8,
             "host_syncs": syncs,
             "decode_graphs": ({"captures": decode_graphs.captures, "replays": decode_graphs.replays}
                               if decode_graphs is not None else None),
@@ -461,11 +487,19 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-flops", action="store_true", help="do not count FLOPs (saves one eager generation)")
     ap.add_argument("--ab", default="dg,cg,sg,bk", type=ab_tokens,
                     help="the same-engine A/Bs to run, comma-separated (empty: none): dg decode graphs off, cg block "
-                         "graphs off, sg step graphs off, bk block kernels off")
+                         "graphs off, sg step graphs off, bk block kernels off, fa8 the blocks' 8-bit attention "
+                         "switched the other way (with its latents' rel-L2)")
     ap.add_argument("--sync-debug", action="store_true", help="also list where one generation waits for the GPU")
     ap.add_argument("--kernel-config", default="", help="a JSON file of launch parameters for zimage/kernels.py "
                     "(bench/kernels.py writes the fastest as best_config)")
+    ap.add_argument("--attention-config", default="", help="a JSON file of launch parameters for "
+                    "zimage/fp8_attention.py (bench/attention.py --sweep writes the fastest as best_config)")
     args = ap.parse_args(argv)
+    if args.attention_config:
+        from zimage import fp8_attention
+
+        fp8_attention.CONFIG.update(json.loads(Path(args.attention_config).read_text())["best_config"] or {})
+        print(f"8-bit attention launch parameters: {fp8_attention.CONFIG}", flush=True)
     if args.kernel_config:
         from zimage import kernels
 
