@@ -181,5 +181,64 @@ def test_triton_kernels_interpreted():
         assert error <= bound, (name, error, bound)
 
 
+# ---- the kernels compiled for Hopper (sm_90a) on the CPU: Triton's own compiler and the ptxas its wheel carries ------
+def _ptxas() -> Path | None:
+    import triton
+
+    found = [Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name for name in ("ptxas-blackwell", "ptxas")]
+    return next((p for p in found if p.is_file()), None)
+
+
+needs_ptxas = pytest.mark.skipif(importlib.util.find_spec("triton") is None or _ptxas() is None,
+                                 reason="Triton with its ptxas is not installed")
+
+
+@needs_ptxas
+@pytest.mark.parametrize("fmt", ["int8", "e4m3"])
+def test_kernel_compiles_for_hopper_onto_the_tensor_cores_without_spills(fmt):
+    """What only a GPU run would otherwise show: both products become Hopper's asynchronous tensor-core instruction
+    (wgmma: s8 x s8 -> s32 or e4m3 x e4m3 -> f32, then e4m3 x e4m3 -> f32), the key/value tiles are copied
+    asynchronously (software pipelining), and the default launch parameters fit the registers without spilling.
+    Arguments are marked 16-divisible as Triton's launcher specializes them at the presets' lengths (all multiples
+    of 16). (The device has an older Triton than CI; its code may differ in detail.)"""
+    import re
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = fp8_attention._triton().attention_kernel
+    element = "*i8" if fmt == "int8" else "*fp8e4nv"
+    types = {"q_ptr": element, "k_ptr": element, "vt_ptr": "*fp8e4nv", "sq_ptr": "*fp32", "sk_ptr": "*fp32",
+             "sv_ptr": "*fp32", "o_ptr": "*bf16", "so_b": "i32", "so_s": "i32", "so_h": "i32", "seq": "i32",
+             "heads": "i32", "tiles": "i32", "qk_scale": "fp32", "fp8_max": "fp32"}
+    cfg = fp8_attention.CONFIG
+    constants = {"D": 128, "TILE": fp8_attention.TILE, "TILES": 64, "BLOCK_M": cfg["block_m"],
+                 "BLOCK_N": cfg["block_n"], "EVEN": True}
+    assert set(kernel.arg_names) == set(types) | set(constants)
+    signature = {name: types.get(name, "constexpr") for name in kernel.arg_names}
+    aligned = [n for n in types if n.endswith("_ptr")] + ["so_b", "so_s", "so_h", "seq"]
+    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs),
+                              target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
+    ptx = compiled.asm["ptx"]
+    products = set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n\d+k32\.(\w+\.\w+\.\w+)", ptx))
+    assert products == ({"s32.s8.s8", "f32.e4m3.e4m3"} if fmt == "int8" else {"f32.e4m3.e4m3"}), products
+    assert "cp.async" in ptx and "mma.sync" not in ptx
+    assert compiled.metadata.shared <= 227 * 1024
+    ptx_file = Path(os.environ.get("TMPDIR", "/tmp")) / f"zimage-fp8-attention-{os.getpid()}-{fmt}.ptx"
+    ptx_file.write_text(ptx)
+    try:
+        done = subprocess.run([str(_ptxas()), "-arch=sm_90a", "-v", str(ptx_file), "-o", os.devnull],
+                              capture_output=True, text=True, timeout=300)
+    finally:
+        ptx_file.unlink()
+    report = done.stdout + done.stderr
+    assert done.returncode == 0, report[-2000:]
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", report)]
+    assert spills and max(spills) == 0, report
+
+
 if __name__ == "__main__":  # the interpreted check: its errors as the last line of stdout
     print(json.dumps(globals()[sys.argv[1]]()))
