@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -255,3 +256,20 @@ def test_coldstart_reads_the_start_phases_from_the_engine_log(tiny_settings, cap
         w["seconds"], abs=0.01) for w in warm} and warm
     assert phases["compile_s"] == {"total": 16.95}
     assert phases_from_log("nothing here") == {}
+
+
+def test_compiled_kernels_of_every_kind_live_in_the_cache_folder(tmp_path, monkeypatch):
+    """Inductor's graphs and kernels and the hand-written Triton kernels' binaries all go under --cache-dir (a restart
+    in a fresh container with the folder mounted loads them); folders the user chose stay."""
+    from zimage import speed
+
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        monkeypatch.setenv(name, "placeholder")  # restored after the test, whatever use_compile_cache sets
+        monkeypatch.delenv(name)
+    speed.use_compile_cache(tmp_path / "inductor")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "inductor" / "triton" / "0")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/mine/inductor")
+    monkeypatch.setenv("TRITON_CACHE_DIR", "/mine/triton")
+    speed.use_compile_cache(tmp_path / "other")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/mine/inductor" and os.environ["TRITON_CACHE_DIR"] == "/mine/triton"

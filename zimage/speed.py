@@ -209,10 +209,16 @@ def quantize_fp8(module: torch.nn.Module, excluded: tuple[str, ...] = FP8_EXCLUD
 
 def use_compile_cache(folder) -> None:
     """Persist Inductor's compiled kernels and FX graphs, so a restart recompiles from cache (seconds,
-    not minutes). A folder the user set through TORCHINDUCTOR_CACHE_DIR is kept."""
+    not minutes), and the hand-written Triton kernels' binaries (kernels.py, fp8_attention.py) beside them. Folders
+    the user set through TORCHINDUCTOR_CACHE_DIR / TRITON_CACHE_DIR are kept."""
     import os
+    from pathlib import Path
 
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(folder))
+    # Triton's own cache is ~/.triton/cache otherwise: a restart in a fresh container (the cache folder mounted, the
+    # home not) compiled every hand-written kernel again. Inductor's default for GPU 0 is this same folder, so its
+    # kernels stay where they were; Triton names binaries by source, options and target, so sharing is safe.
+    os.environ.setdefault("TRITON_CACHE_DIR", str(Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / "triton" / "0"))
     import torch._dynamo
 
     # Room for a few shapes per compiled region (presets x prompt buckets) before Dynamo gives up on one and
