@@ -10,6 +10,7 @@ Numerics (SageAttention's split -- int8 for QK^T, e4m3 for PV -- with per-tile s
     q, k       each (token tile of TILE = 128, head) block quantized with one float32 scale: int8 (QK_FORMAT, its
                largest magnitude maps to 127; for Gaussian-like values ~3x less rounding error on the logits than
                e4m3's 3-bit mantissa) or e4m3. q and k come out of a per-head RMSNorm, so tiles are alike in scale.
+               k first loses its mean over the tokens (SMOOTH_K; softmax cannot see it).
     v          the same tiles in e4m3 (largest magnitude -> 448). e4m3 is a floating-point format -- 15 binades of
                normal range -- so a coarse scale costs little beyond the 3-bit mantissa.
     S = QK^T   int8 x int8 -> int32 (or e4m3 -> float32) on the tensor cores, times (softmax scale x q tile scale x
@@ -45,6 +46,11 @@ TILE = 128  # tokens per quantization scale; the kernel's blocks divide it
 # on the logits for the same tensor-core rate on Hopper) or "e4m3". V and P are e4m3 either way.
 QK_FORMAT = "int8"
 INT8_MAX = 127.0
+# Subtract k's mean over the tokens (per head and channel) before quantizing it: softmax is unchanged (q . mean is
+# the same for every key of a query), and a bias that all keys share -- SageAttention found such channel outliers
+# in k across real models, diffusion transformers among them -- no longer takes the int8 range from what differs.
+# Random weights have no such bias, so bench figures on `random-full` cannot show its benefit; it costs a mean.
+SMOOTH_K = True
 # Launch parameters (bench/kernels.py can sweep them on the GPU). Not yet tuned on a device.
 CONFIG = {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3}
 QUANTIZE_CONFIG = {"num_warps": 8}
@@ -61,7 +67,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     (B, S, H, D) bf16, contiguous."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     q8, sq = quantize_tiles(q, fmt=QK_FORMAT)
-    k8, sk = quantize_tiles(k, fmt=QK_FORMAT)
+    k8, sk = quantize_tiles(k, fmt=QK_FORMAT, subtract=k.mean(dim=1, dtype=torch.float32) if SMOOTH_K else None)
     v8, sv = quantize_tiles(v, transpose=True)
     if not _use_triton(q8):
         return attention_reference(q8, sq, k8, sk, v8, sv, scale)
@@ -78,29 +84,36 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
 
 
 # ---- quantization: per (token tile, head) ------------------------------------------------------------------
-def quantize_tiles(x: torch.Tensor, transpose: bool = False, fmt: str = "e4m3") -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_tiles(x: torch.Tensor, transpose: bool = False, fmt: str = "e4m3",
+                   subtract: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x (B, S, H, D), unit last stride -> e4m3 or int8 (`fmt`) (B, H, S, D), or (B, H, D, S) when `transpose`,
-    and float32 scales (B, H, ceil(S / TILE)) with x ~= q * scale of its tile."""
+    and float32 scales (B, H, ceil(S / TILE)) with x - subtract ~= q * scale of its tile (`subtract`: (B, H, D)
+    float32, one vector per head taken from every token, or None)."""
     if not _use_triton(x):
-        return quantize_tiles_reference(x, transpose, fmt)
+        return quantize_tiles_reference(x, transpose, fmt, subtract)
     b, s, h, d = x.shape
     tiles = -(-s // TILE)
     int8 = fmt == "int8"
     q = torch.empty((b, h, d, s) if transpose else (b, h, s, d), dtype=torch.int8 if int8 else fp8.E4M3,
                     device=x.device)
     scale = torch.empty((b, h, tiles), dtype=torch.float32, device=x.device)
-    _triton().quantize_kernel[(tiles, b * h)](x, x.stride(0), x.stride(1), x.stride(2), q, scale, s, h, tiles,
+    sub = scale if subtract is None else subtract.contiguous()
+    _triton().quantize_kernel[(tiles, b * h)](x, x.stride(0), x.stride(1), x.stride(2), sub, q, scale, s, h, tiles,
                                               INT8_MAX if int8 else fp8.E4M3_MAX, fp8._TINY, D=d, TILE=TILE,
-                                              TRANSPOSE=transpose, INT8=int8, **QUANTIZE_CONFIG)
+                                              TRANSPOSE=transpose, INT8=int8, SUBTRACT=subtract is not None,
+                                              **QUANTIZE_CONFIG)
     return q, scale
 
 
-def quantize_tiles_reference(x: torch.Tensor, transpose: bool = False,
-                             fmt: str = "e4m3") -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_tiles_reference(x: torch.Tensor, transpose: bool = False, fmt: str = "e4m3",
+                             subtract: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     b, s, h, d = x.shape
     tiles = -(-s // TILE)
     top = INT8_MAX if fmt == "int8" else fp8.E4M3_MAX
-    xf = torch.nn.functional.pad(x.float().permute(0, 2, 1, 3), (0, 0, 0, tiles * TILE - s))  # (B, H, S', D)
+    xf = x.float().permute(0, 2, 1, 3)  # (B, H, S, D)
+    if subtract is not None:
+        xf = xf - subtract[:, :, None, :]
+    xf = torch.nn.functional.pad(xf, (0, 0, 0, tiles * TILE - s))  # (B, H, S', D): padded tokens are 0
     blocks = xf.unflatten(2, (tiles, TILE))
     scale = blocks.abs().amax(dim=(-2, -1)).clamp(min=fp8._TINY) / top  # (B, H, tiles)
     q = (blocks / scale[..., None, None]).clamp(-top, top)
@@ -138,8 +151,9 @@ def _triton():
     import triton.language as tl
 
     @triton.jit
-    def quantize_kernel(x_ptr, stride_b, stride_s, stride_h, q_ptr, scale_ptr, seq, heads, tiles, top, tiny,
-                        D: tl.constexpr, TILE: tl.constexpr, TRANSPOSE: tl.constexpr, INT8: tl.constexpr):
+    def quantize_kernel(x_ptr, stride_b, stride_s, stride_h, sub_ptr, q_ptr, scale_ptr, seq, heads, tiles, top, tiny,
+                        D: tl.constexpr, TILE: tl.constexpr, TRANSPOSE: tl.constexpr, INT8: tl.constexpr,
+                        SUBTRACT: tl.constexpr):
         tile, bh = tl.program_id(0), tl.program_id(1)
         b, h = bh // heads, bh % heads
         rows = tile * TILE + tl.arange(0, TILE)
@@ -147,6 +161,8 @@ def _triton():
         mask = (rows < seq)[:, None]
         src = x_ptr + b.to(tl.int64) * stride_b + rows.to(tl.int64)[:, None] * stride_s + h * stride_h + cols[None, :]
         x = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+        if SUBTRACT:  # padded tokens stay 0: they must not count in the tile's largest magnitude
+            x = tl.where(mask, x - tl.load(sub_ptr + bh * D + cols)[None, :], 0.0)
         s = tl.maximum(tl.max(tl.max(tl.abs(x), axis=1), axis=0), tiny) / top
         q = tl.minimum(tl.maximum(x / s, -top), top)
         if INT8:  # round half away from zero; the cast truncates
