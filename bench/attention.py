@@ -29,7 +29,9 @@ from bench.kernels import rel_l2, time_ms  # noqa: E402
 from zimage import fastattn, fp8_attention  # noqa: E402
 
 HEADS, HEAD = 30, 128
-PRESET_TOKENS = {"Draft": 2560, "Standard": 4352, "High": 6656, "Ultra": 9472}  # image patches + 256 caption tokens
+# image patches + 256 caption tokens; Standard first (the sweep tunes at the first length), and a length that is not a
+# multiple of the key block (a short caption: 96 tokens), whose last block is masked
+PRESET_TOKENS = {"Standard": 4352, "Standard, short caption": 4192, "Draft": 2560, "High": 6656, "Ultra": 9472}
 SWEEP = {"block_m": [64, 128], "block_n": [64, 128], "num_warps": [4, 8], "num_stages": [2, 3, 4]}
 
 
@@ -117,7 +119,7 @@ def sweep(tokens: int) -> dict:
         print(json.dumps(tried[-1]), flush=True)
     fp8_attention.CONFIG.clear()
     fp8_attention.CONFIG.update(default)
-    ok = [t for t in tried if "us" in t and t["rel_l2_vs_reference"] < 0.05]
+    ok = [t for t in tried if "us" in t and t["rel_l2_vs_reference"] < 0.02]  # the interpreter: <= 0.017
     best = min(ok, key=lambda t: t["us"]) if ok else None
     return {"tokens": tokens, "tried": tried,
             "best_config": {k: best[k] for k in SWEEP} if best else None}

@@ -292,16 +292,18 @@ def run_variant(args, spec: str, flops_cache: dict, reference: dict, results: li
             # it off); the step graphs are captured again for it (and once more after). Quality: latents of seed
             # 1234 against this engine's first call.
             fa8 = {"fp8_attention": not schedules[0].fp8_attention}
-            for schedule in schedules:
-                schedule.fp8_attention = fa8["fp8_attention"]
-            if step_graphs is not None:
-                step_graphs.clear()
+            graph_sets = [*cudagraph.block_stacks(engine.pipeline.transformer), step_graphs]
+
+            def switch(on: bool) -> None:  # every graph captured the other attention's kernels: capture again
+                for schedule in schedules:
+                    schedule.fp8_attention = on
+                for graphs in filter(None, graph_sets):
+                    graphs.clear()
+
+            switch(fa8["fp8_attention"])
             other = run(engine, request_for(v, tier, aspect, 1234), keep_latents=True)
             fa8_walls, fa8_rows = timed_runs(engine, v, tier, aspect, args.runs)
-            for schedule in schedules:
-                schedule.fp8_attention = not fa8["fp8_attention"]
-            if step_graphs is not None:
-                step_graphs.clear()
+            switch(not fa8["fp8_attention"])
             ref_latents = first.latents[0]
             fa8.update({k: round(x, 4) for k, x in summarize(fa8_walls).items()})
             fa8["per_step_ms"] = round(1000 * statistics.median(r.timings["denoise"] for r in fa8_rows)

@@ -33,7 +33,6 @@ docs/PERFORMANCE.md.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -57,9 +56,9 @@ QUANTIZE_CONFIG = {"num_warps": 8}
 
 
 def supported(q: torch.Tensor) -> bool:
-    """The kernel's shapes: (B, S, H, D) bf16 with D a power of two in [16, 256]."""
+    """The kernel's shapes: (B, S, H, D) bf16 with D a power of two in [32, 256] (8-bit products need K >= 32)."""
     d = q.shape[-1]
-    return q.dim() == 4 and q.dtype == torch.bfloat16 and 16 <= d <= 256 and d & (d - 1) == 0
+    return q.dim() == 4 and q.dtype == torch.bfloat16 and 32 <= d <= 256 and d & (d - 1) == 0
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
@@ -74,12 +73,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     b, s, h, d = q.shape
     out = torch.empty((b, s, h, d), dtype=torch.bfloat16, device=q.device)
     cfg, t = CONFIG, _triton()
-    tiles = sq.shape[-1]
     grid = (t.triton.cdiv(s, cfg["block_m"]), b * h)
-    t.attention_kernel[grid](q8, k8, v8, sq, sk, sv, out, out.stride(0), out.stride(1), out.stride(2), s, h, tiles,
-                             scale * math.log2(math.e), fp8.E4M3_MAX, D=d, TILE=TILE, TILES=t.triton.next_power_of_2(tiles),
-                             BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], EVEN=s % cfg["block_n"] == 0,
-                             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    t.attention_kernel[grid](q8, k8, v8, sq, sk, sv, sv.amax(dim=-1).contiguous(), out, out.stride(0), out.stride(1),
+                             out.stride(2), s, h, sq.shape[-1], scale * math.log2(math.e), fp8.E4M3_MAX, D=d, TILE=TILE,
+                             BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], num_warps=cfg["num_warps"],
+                             num_stages=cfg["num_stages"])
     return out
 
 
@@ -142,79 +140,8 @@ def attention_reference(q8, sq, k8, sk, v8t, sv, scale: float) -> torch.Tensor:
     return out.transpose(1, 2).to(torch.bfloat16).contiguous()
 
 
-@functools.cache
 def _triton():
-    """Triton is imported on first use only (CPU installs have none)."""
-    import types
+    """The kernels' module (it imports Triton), on first use only: CPU installs have no Triton."""
+    from . import fp8_attention_triton
 
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def quantize_kernel(x_ptr, stride_b, stride_s, stride_h, sub_ptr, q_ptr, scale_ptr, seq, heads, tiles, top, tiny,
-                        D: tl.constexpr, TILE: tl.constexpr, TRANSPOSE: tl.constexpr, INT8: tl.constexpr,
-                        SUBTRACT: tl.constexpr):
-        tile, bh = tl.program_id(0), tl.program_id(1)
-        b, h = bh // heads, bh % heads
-        rows = tile * TILE + tl.arange(0, TILE)
-        cols = tl.arange(0, D)
-        mask = (rows < seq)[:, None]
-        src = x_ptr + b.to(tl.int64) * stride_b + rows.to(tl.int64)[:, None] * stride_s + h * stride_h + cols[None, :]
-        x = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-        if SUBTRACT:  # padded tokens stay 0: they must not count in the tile's largest magnitude
-            x = tl.where(mask, x - tl.load(sub_ptr + bh * D + cols)[None, :], 0.0)
-        s = tl.maximum(tl.max(tl.max(tl.abs(x), axis=1), axis=0), tiny) / top
-        q = tl.minimum(tl.maximum(x / s, -top), top)
-        if INT8:  # round half away from zero; the cast truncates
-            q = q + tl.where(q >= 0, 0.5, -0.5)
-        q = q.to(q_ptr.dtype.element_ty)
-        base = q_ptr + bh.to(tl.int64) * seq * D
-        if TRANSPOSE:  # (D, S) per head: tokens contiguous
-            tl.store(base + cols[:, None] * seq + rows[None, :], tl.trans(q), mask=(rows < seq)[None, :])
-        else:
-            tl.store(base + rows[:, None] * D + cols[None, :], q, mask=mask)
-        tl.store(scale_ptr + bh * tiles + tile, s)
-
-    @triton.jit
-    def attention_kernel(q_ptr, k_ptr, vt_ptr, sq_ptr, sk_ptr, sv_ptr, o_ptr, so_b, so_s, so_h, seq, heads, tiles,
-                         qk_scale, fp8_max, D: tl.constexpr, TILE: tl.constexpr, TILES: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN: tl.constexpr):
-        start_m, bh = tl.program_id(0) * BLOCK_M, tl.program_id(1)
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, D)
-        base = bh.to(tl.int64) * seq * D  # the same for (S, D) and (D, S) per head
-        q = tl.load(q_ptr + base + offs_m[:, None] * D + offs_d[None, :], mask=(offs_m < seq)[:, None], other=0.0)
-        # log2-domain logits: softmax scale x log2(e) x the q tile's scale (x the k tile's, in the loop)
-        q_scale = qk_scale * tl.load(sq_ptr + bh * tiles + start_m // TILE)
-        t = tl.arange(0, TILES)
-        sv_max = tl.max(tl.load(sv_ptr + bh * tiles + t, mask=t < tiles, other=0.0), axis=0)
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, D], tl.float32)
-        for start_n in range(0, seq, BLOCK_N):
-            n = start_n + offs_n
-            if EVEN:
-                k = tl.load(k_ptr + base + n[:, None] * D + offs_d[None, :])
-                vt = tl.load(vt_ptr + base + offs_d[:, None] * seq + n[None, :])
-            else:
-                k = tl.load(k_ptr + base + n[:, None] * D + offs_d[None, :], mask=(n < seq)[:, None], other=0.0)
-                vt = tl.load(vt_ptr + base + offs_d[:, None] * seq + n[None, :], mask=(n < seq)[None, :], other=0.0)
-            tile = bh * tiles + start_n // TILE
-            qk = tl.dot(q, tl.trans(k)).to(tl.float32) * (q_scale * tl.load(sk_ptr + tile))  # int32 for int8
-            if not EVEN:
-                qk = tl.where((n < seq)[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-            c = fp8_max * tl.load(sv_ptr + tile) / sv_max  # P's factor for this key tile (<= 448)
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - (m_new - tl.log2(c))[:, None])  # P x c
-            l_i = l_i * alpha + tl.sum(p, axis=1) / c
-            acc = acc * alpha[:, None]
-            acc = tl.dot(p.to(vt.dtype), tl.trans(vt), acc)
-            m_i = m_new
-        out = acc * (sv_max / fp8_max) / l_i[:, None]
-        b, h = bh // heads, bh % heads
-        dst = o_ptr + b.to(tl.int64) * so_b + offs_m.to(tl.int64)[:, None] * so_s + h * so_h + offs_d[None, :]
-        tl.store(dst, out.to(o_ptr.dtype.element_ty), mask=(offs_m < seq)[:, None])
-
-    return types.SimpleNamespace(triton=triton, quantize_kernel=quantize_kernel, attention_kernel=attention_kernel)
+    return fp8_attention_triton
