@@ -303,6 +303,16 @@ def run_variant(args, spec: str, flops_cache: dict, reference: dict, results: li
             switch(fa8["fp8_attention"])
             other = run(engine, request_for(v, tier, aspect, 1234), keep_latents=True)
             fa8_walls, fa8_rows = timed_runs(engine, v, tier, aspect, args.runs)
+            if args.profile_out and shape == shapes[0]:  # the other side's kernels, beside the variant's own profile
+                from bench.gpu_profile import profile_generation, table as profile_table
+
+                try:
+                    fa8["profile"] = profile_generation(engine, GenerationRequest(PROMPT, preset=tier, aspect=aspect,
+                                                                                  seed=99))
+                    print(profile_table([{"variant": spec + " (fa8 switched)", "shape": shape,
+                                          "profile": fa8["profile"]}]), flush=True)
+                except Exception as exc:  # noqa: BLE001 - keep the timings
+                    fa8["profile_error"] = repr(exc)[:500]
             switch(not fa8["fp8_attention"])
             ref_latents = first.latents[0]
             fa8.update({k: round(x, 4) for k, x in summarize(fa8_walls).items()})
