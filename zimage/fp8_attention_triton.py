@@ -9,6 +9,7 @@ import triton.language as tl
 def quantize_kernel(x_ptr, stride_b, stride_s, stride_h, sub_ptr, q_ptr, scale_ptr, seq, heads, tiles, top, tiny,
                     D: tl.constexpr, TILE: tl.constexpr, TRANSPOSE: tl.constexpr, INT8: tl.constexpr,
                     SUBTRACT: tl.constexpr):
+    """One (token tile, head) block of x to 8 bits with one scale (its largest magnitude -> `top`)."""
     tile, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // heads, bh % heads
     rows = tile * TILE + tl.arange(0, TILE)
@@ -29,6 +30,7 @@ def quantize_kernel(x_ptr, stride_b, stride_s, stride_h, sub_ptr, q_ptr, scale_p
     else:
         tl.store(base + rows[:, None] * D + cols[None, :], q, mask=mask)
     tl.store(scale_ptr + bh * tiles + tile, s)
+
 
 @triton.jit
 def attend_block(q, q_scale, k_ptr, vt_ptr, sk_ptr, sv_ptr, base, start_n, seq, tile0, sv_max, fp8_max, m_i, l_i,
@@ -55,10 +57,12 @@ def attend_block(q, q_scale, k_ptr, vt_ptr, sk_ptr, sv_ptr, base, start_n, seq, 
     acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), tl.trans(vt))
     return m_new, l_i, acc
 
+
 @triton.jit(do_not_specialize=["tiles"])
 def attention_kernel(q_ptr, k_ptr, vt_ptr, sq_ptr, sk_ptr, sv_ptr, sv_max_ptr, o_ptr, so_b, so_s, so_h, seq,
                      heads, tiles, qk_scale, fp8_max, D: tl.constexpr, TILE: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr):
+    """BLOCK_M queries of one (batch, head) against every key: the output rows, bf16."""
     tl.static_assert(TILE % BLOCK_M == 0 and TILE % BLOCK_N == 0)  # one scale per block
     start_m, bh = tl.program_id(0) * BLOCK_M, tl.program_id(1)
     offs_m = start_m + tl.arange(0, BLOCK_M)
