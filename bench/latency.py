@@ -285,14 +285,14 @@ def run_variant(args, spec: str, flops_cache: dict, reference: dict, results: li
         if step_graphs is not None and nosg is not None:
             step_graphs.enabled = True
         fa8 = None
-        schedules = [stack.kernels for stack in cudagraph.block_stacks(engine.pipeline.transformer)
-                     if getattr(stack, "kernels", None) is not None]
+        stacks = cudagraph.block_stacks(engine.pipeline.transformer)
+        schedules = [stack.kernels for stack in stacks if getattr(stack, "kernels", None) is not None]
         if "fa8" in args.ab and schedules:
             # fa8: the same engine with the blocks' 8-bit attention switched the other way (on where the variant has
             # it off); the step graphs are captured again for it (and once more after). Quality: latents of seed
             # 1234 against this engine's first call.
             fa8 = {"fp8_attention": not schedules[0].fp8_attention}
-            graph_sets = [*cudagraph.block_stacks(engine.pipeline.transformer), step_graphs]
+            graph_sets = [*stacks, step_graphs]
 
             def switch(on: bool) -> None:  # every graph captured the other attention's kernels: capture again
                 for schedule in schedules:

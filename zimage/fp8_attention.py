@@ -69,9 +69,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     """Non-causal attention of (B, S, H, D) bf16 tensors (any strides with a unit last one) on 8-bit operands;
     returns (B, S, H, D) bf16, contiguous."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    q8, sq = quantize_tiles(q, fmt=QK_FORMAT)
-    k8, sk = quantize_tiles(k, fmt=QK_FORMAT, subtract=k.mean(dim=1, dtype=torch.float32) if SMOOTH_K else None)
-    v8, sv = quantize_tiles(v, transpose=True)
+    q8, sq, k8, sk, v8, sv = quantize_inputs(q, k, v)
     if not _use_triton(q8):
         return attention_reference(q8, sq, k8, sk, v8, sv, scale)
     b, s, h, d = q.shape
@@ -86,6 +84,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
 
 
 # ---- quantization: per (token tile, head) ------------------------------------------------------------------
+def quantize_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The attention kernel's operands, (q8, sq, k8, sk, v8t, sv): q and k in QK_FORMAT (k smoothed when SMOOTH_K),
+    v in e4m3 transposed; what `attention` runs on and `attention_reference` takes."""
+    q8, sq = quantize_tiles(q, fmt=QK_FORMAT)
+    k8, sk = quantize_tiles(k, fmt=QK_FORMAT, subtract=k.mean(dim=1, dtype=torch.float32) if SMOOTH_K else None)
+    v8, sv = quantize_tiles(v, transpose=True)
+    return q8, sq, k8, sk, v8, sv
+
+
 def quantize_tiles(x: torch.Tensor, transpose: bool = False, fmt: str = "e4m3",
                    subtract: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x (B, S, H, D), unit last stride -> e4m3 or int8 (`fmt`) (B, H, S, D), or (B, H, D, S) when `transpose`,

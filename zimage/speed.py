@@ -74,8 +74,8 @@ class Switches:
     # 7.3 -> ~1 ms (the decoder's transient stays in the graph pool instead of being unmapped and mapped again)
     decode_graphs: bool = True
     # Off until measured on a GPU (written 2026-12-07 without device time; CPU: Triton's interpreter). Predicted
-    # (H200, Standard, fp8): attention 16.3 -> ~10-11 ms/step at ~1.5x cuDNN's bf16 rate, quantization ~1 ms/step
-    # extra: ~-35 ms a generation; quality: latents rel-L2 vs the same engine's bf16 attention to be measured.
+    # (H200, Standard, fp8 and bf16): attention 16.3 -> ~10.9 ms/step at ~1.5x cuDNN's bf16 rate, quantization and
+    # k's mean ~1.4 ms/step extra: ~-31 ms a generation; quality: latents' rel-L2 (bench/latency.py --ab fa8).
     fp8_attention: bool = False
     precompile: bool = True  # predicted: fp8 restart 66.8 -> <= 40 s (CPU tiny: first warm-up shape 6.2 -> 0.9 s)
 
