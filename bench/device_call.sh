@@ -6,10 +6,10 @@
 #     bash bench/device_call.sh SECONDS        # SECONDS: what the call may use (default 540)
 # Writes under $OUT: lat-fp8/-bf16 (.json, .log) and prof-*.json (bench/latency.py, same-engine 8-bit attention
 # A/B), pytest.log (tests/test_gpu.py -k fp8_attention), att.json/.log (bench/attention.py --sweep).
+OUT=${OUT:?set OUT to a folder for the results}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site || exit
 export PYTHONUNBUFFERED=1
-OUT=${OUT:?set OUT to a folder for the results}
 start=$SECONDS
 budget=${1:-540}
 left() { echo $((budget - (SECONDS - start))); }
@@ -21,12 +21,7 @@ latency() {  # $1 variants, $2 name: Standard 1024², 10 runs, 8-bit attention s
     --cache-dir /tmp/zc --ab fa8 --variants "$1" --out "$OUT/lat-$2.json" --profile-out "$OUT/prof-$2.json" \
     > "$OUT/lat-$2.log" 2>&1
   echo "latency $2: rc=$? at $((SECONDS - start)) s"
-  python3 - "$OUT/lat-$2.json" <<'PY' 2>&1 | cut -c1-600
-import json, sys
-row = json.load(open(sys.argv[1]))["results"][0]
-other = {k: v for k, v in (row.get("fp8_attention_toggled") or {}).items() if k != "profile"}
-print("e2e", row["e2e_s"], "ms/step", row["per_step_ms"], "| 8-bit attention switched:", other)
-PY
+  grep '^{' "$OUT/lat-$2.log"  # per shape: the timings and the 8-bit attention A/B (bench/latency.py)
 }
 
 latency compiled+native+fp8 fp8

@@ -378,8 +378,12 @@ def run_variant(args, spec: str, flops_cache: dict, reference: dict, results: li
         results.append(entry)
         out.write_text(json.dumps({"device": device_name(), "torch": torch.__version__, "results": results,
                                    "service": services}, indent=1))
-        print(json.dumps({k: entry[k] for k in ("variant", "shape", "e2e_s", "per_step_ms", "text_encode_s",
-                                                "first_call_s", "first_task_call_s", "peak_vram_gib")}), flush=True)
+        summary = {k: entry[k] for k in ("variant", "shape", "e2e_s", "per_step_ms", "text_encode_s", "first_call_s",
+                                         "first_task_call_s", "peak_vram_gib")}
+        summary.update({k: v for k, v in entry.items() if k.startswith("e2e_s_") and v})  # the same engine's A/Bs
+        if fa8:
+            summary["fp8_attention_toggled"] = {k: v for k, v in fa8.items() if k != "profile"}
+        print(json.dumps(summary), flush=True)
     if args.profile_out:  # the same engine, already compiled: one profiled generation of the first shape
         from bench.gpu_profile import profile_generation, table as profile_table
 
