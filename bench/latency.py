@@ -342,6 +342,8 @@ def run_variant(args, spec: str, flops_cache: dict, reference: dict, results: li
             "denoise_steps": first.steps if first.strength is None else edit_steps(first.steps, first.strength),
             "e2e_s": {k: round(x, 4) for k, x in e2e.items()},
             "engine_total_s": round(statistics.median(r.timings["total"] for r in rows), 4),
+            # What the caller waits beyond the stages: the per-request gc.collect + empty_cache (engine.py).
+            "cleanup_s": round(statistics.median(w - r.timings["total"] for w, r in zip(walls, rows)), 4),
             "text_encode_s": round(statistics.median(r.timings["text_encode"] for r in rows), 4),
             "denoise_s": round(statistics.median(r.timings["denoise"] for r in rows), 4),
             "decode_s": round(statistics.median(r.timings["decode"] for r in rows), 4),
@@ -378,8 +380,8 @@ def run_variant(args, spec: str, flops_cache: dict, reference: dict, results: li
         results.append(entry)
         out.write_text(json.dumps({"device": device_name(), "torch": torch.__version__, "results": results,
                                    "service": services}, indent=1))
-        summary = {k: entry[k] for k in ("variant", "shape", "e2e_s", "per_step_ms", "text_encode_s", "first_call_s",
-                                         "first_task_call_s", "peak_vram_gib")}
+        summary = {k: entry[k] for k in ("variant", "shape", "e2e_s", "engine_total_s", "cleanup_s", "per_step_ms",
+                                         "text_encode_s", "first_call_s", "first_task_call_s", "peak_vram_gib")}
         summary.update({k: v for k, v in entry.items() if k.startswith("e2e_s_") and v})  # the same engine's A/Bs
         if fa8:
             summary["fp8_attention_toggled"] = {k: v for k, v in fa8.items() if k != "profile"}

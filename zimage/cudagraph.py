@@ -36,6 +36,7 @@ import torch
 log = logging.getLogger("zimage.cudagraph")
 
 MAX_GRAPHS = 24  # shapes kept; least recently used dropped beyond it (each holds only its static I/O)
+_captures_total = 0  # every capture of every graph set in this process (captures_total)
 
 
 class _Graph:
@@ -128,11 +129,18 @@ class GraphedBlocks(torch.nn.ModuleList):
 def remember(graphs, key, entry: _Graph) -> _Graph:
     """Keep `entry` as the newest graph of a graph set (`graphs`, `captures`, `max_graphs`), dropping the least
     recently used beyond max_graphs."""
+    global _captures_total
     graphs.graphs[key] = entry
     graphs.captures += 1
+    _captures_total += 1
     while len(graphs.graphs) > graphs.max_graphs:
         graphs.graphs.popitem(last=False)
     return entry
+
+
+def captures_total() -> int:
+    """Graphs captured in this process so far, by every graph set (the engine freezes what a new one left)."""
+    return _captures_total
 
 
 def capture(fn, device, pool):

@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from torch._dynamo.utils import counters
 
-from . import compile_cache, loading, lora, memory, speed, warmup
+from . import compile_cache, cudagraph, loading, lora, memory, speed, warmup
 from .interface import EngineState, EngineStatus, ProgressFn, start_in_background
 from .request import (GenerationCancelled, GenerationRequest, GenerationResult, Job,
                       OutOfMemory, RequestError, check_lora_limit, resolve)
@@ -112,6 +113,7 @@ class Engine:
         self.release_after_request = True
         self._state, self._detail = EngineState.LOADING, ""
         self._warm_report: tuple[dict, ...] = ()
+        self._frozen_mark: tuple[int, int] | None = None  # _freeze_what_compiled: graphs compiled/captured at the last freeze
         self._gpu_lock = FifoLock()
         self._concurrency_count = threading.Lock()
         self._concurrent = 0
@@ -331,10 +333,7 @@ class Engine:
                      "height": result.height, "steps": result.steps, "seconds": round(time.perf_counter() - t0, 3)}
             if with_lora:
                 entry["lora_branch"] = True
-            report.append(entry)
-            # Compiling left ~10^6 long-lived objects: keep the collector from walking them again after every
-            # warm-up shape (0.5 s each on the H100 host), as mark_ready does for requests.
-            gc.freeze()
+            report.append(entry)  # (_generate froze what this shape compiled)
             log.info("warm-up %s %s %dx%d%s: %.2fs", request.preset, request.aspect, result.width, result.height,
                      " (LoRA branch)" if with_lora else "", entry["seconds"])
         if self.settings.compile_enabled():
@@ -346,13 +345,22 @@ class Engine:
         if self._state is EngineState.WARMING:
             self._warm_report = tuple(warm_report or ())
             compile_cache.store(self._compile_cache)  # after warm-up: what it compiled
-            # Compiled graphs leave ~10^6 long-lived objects; a full gc.collect() walking them took 0.5 s per
-            # request on the H100 host (49 % of a Standard generation). Freezing them after warm-up keeps the
-            # per-request collection to what the request itself created.
             gc.collect()
-            gc.freeze()
+            self._freeze_what_compiled(always=True)  # and everything loaded
             self._state = EngineState.READY
             log.info("engine ready")
+
+    def _freeze_what_compiled(self, always: bool = False) -> None:
+        """Compiling and capturing CUDA graphs leave long-lived objects (~10^6 for the full model); a full
+        gc.collect() that walks them again after every request took 0.5 s per request on the H100 host (49 % of a
+        Standard generation). So they are frozen (gc.freeze) once made: at ready, and after any generation --
+        warm-up's, or a request's at a shape warm-up never ran -- that compiled or captured a new graph. Call it
+        right after a full collection: a frozen object is still freed by its reference count, but cyclic garbage
+        frozen with it would stay."""
+        mark = (counters["stats"]["unique_graphs"], cudagraph.captures_total())
+        if always or mark != self._frozen_mark:
+            gc.freeze()
+            self._frozen_mark = mark
 
     def mark_failed(self, reason: str) -> None:
         """Loading or warm-up failed: refuse work, report why (the server then exits)."""
@@ -410,6 +418,7 @@ class Engine:
                 self.stats.inflight -= 1
                 if self.release_after_request:
                     memory.release_memory(self.device)
+                    self._freeze_what_compiled()
                 log.debug("request done in %.3fs", time.perf_counter() - started)
         finally:
             self._gpu_lock.release()
