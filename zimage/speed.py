@@ -47,7 +47,8 @@ class Switches:
     decode_graphs  the untiled VAE decode (compiled decoder + pixel conversion) replayed as one CUDA graph per latent
                 shape (cudagraph.GraphedDecode), its transient in the step graphs' pool; with vae_compile
     fp8_attention  the blocks' attention on 8-bit operands (int8 QK^T, e4m3 PV; fp8_attention.py, a Triton kernel)
-                instead of bf16 SDPA/FA4; with block_kernels, fp8 or bf16 weights alike
+                instead of bf16 SDPA/FA4; with block_kernels, fp8 or bf16 weights alike. Off: slower than cuDNN's bf16
+                attention on the H100 (2026-12-07: fp8 0.5785 -> 0.6096 s, bf16 0.8185 -> 0.8357 s in one engine)
     2026-11-25, second session (fp8, Standard): block_kernels on (74.7 -> 70.7 ms/step in one engine), step_graphs
     on (0.627 -> 0.611 s in one engine; GPU idle 3.2 -> 1.5 ms/step).
     Defaults (measured, H100 2026-11-24, bf16): real_rope on (-3.2 ms/step), vae_compile on (decode 108 -> 45 ms),
