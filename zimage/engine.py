@@ -17,13 +17,13 @@ import collections
 import dataclasses
 import gc
 import logging
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from torch._dynamo.utils import counters
 
 from . import compile_cache, cudagraph, loading, lora, memory, speed, warmup
 from .interface import EngineState, EngineStatus, ProgressFn, start_in_background
@@ -357,7 +357,8 @@ class Engine:
         warm-up's, or a request's at a shape warm-up never ran -- that compiled or captured a new graph. Call it
         right after a full collection: a frozen object is still freed by its reference count, but cyclic garbage
         frozen with it would stay."""
-        mark = (counters["stats"]["unique_graphs"], cudagraph.captures_total())
+        dynamo = sys.modules.get("torch._dynamo.utils")  # not imported: nothing compiled (importing it costs ~1 s)
+        mark = (dynamo.counters["stats"]["unique_graphs"] if dynamo else 0, cudagraph.captures_total())
         if always or mark != self._frozen_mark:
             gc.freeze()
             self._frozen_mark = mark
