@@ -29,7 +29,6 @@ def test_after_warm_up_user_requests_compile_nothing(tiny_settings):
     torch._dynamo.reset()
 
 
-
 def test_what_a_request_compiles_is_frozen_so_later_collections_skip_it(tiny_settings, monkeypatch):
     """A request that compiles something warm-up never did (on the GPU: the same-engine A/Bs of bench/latency.py;
     a shape never warmed) leaves long-lived objects; they must be frozen like warm-up's, or every later request's

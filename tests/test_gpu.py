@@ -96,7 +96,8 @@ def test_fp8_attention_kernel_matches_its_reference_at_full_length():
         # Codes: the kernel's x - mean and x / scale may fuse into one FMA where torch rounds twice, so a value
         # within an ulp of a half step rounds the other way (found on the H100, 2026-12-07): one step, rarely.
         step = (got.int() - want.int()).abs()
-        assert int(step.max()) <= 1 and float((step > 0).float().mean()) < 1e-3, float((step > 0).float().mean())
+        off_share = float((step > 0).float().mean())
+        assert int(step.max()) <= 1 and off_share < 1e-3, (int(step.max()), off_share)
         out = fp8_attention.attention(q, k, v).float()
         reference = fp8_attention.attention_reference(*quantized(q, k, v, "int8"), 128 ** -0.5).float()
         assert rel_l2(out, reference) < 0.02

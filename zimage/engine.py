@@ -113,7 +113,7 @@ class Engine:
         self.release_after_request = True
         self._state, self._detail = EngineState.LOADING, ""
         self._warm_report: tuple[dict, ...] = ()
-        self._frozen_mark: tuple[int, int] | None = None  # _freeze_what_compiled: graphs compiled/captured at the last freeze
+        self._frozen_mark: tuple[int, int] | None = None  # graphs compiled/captured at the last gc.freeze
         self._gpu_lock = FifoLock()
         self._concurrency_count = threading.Lock()
         self._concurrent = 0
