@@ -10,6 +10,11 @@ with int8 or e4m3 q/k (its quantization timed alone too). Per candidate: time pe
 graph of 20 calls, median of 5), TFLOP/s (4 S^2 H D), and rel-L2 against float32 attention. `--sweep` times the
 8-bit kernel's launch parameters at the first --tokens and writes the fastest as `best_config`
 (bench/latency.py --attention-config reads it). Prints a table; writes JSON.
+
+`--vae` times the VAE decoder's mid-block attention instead (zimage/vae_attention.py): one head of 512 over every
+latent pixel, q, k, v (1, 1, S, 512) bf16, S = 16384 / 25600 / 9216 (Standard 1024^2, High 1280^2, Draft 768^2; or
+--vae-tokens): SDPA as PyTorch dispatches it (head dim 512: the memory-efficient kernel) against
+`zimage::gemm_attention` (two GEMMs and a float32 softmax); same timing and columns, rows named `vae ...`.
 """
 
 from __future__ import annotations
@@ -26,12 +31,14 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench.kernels import rel_l2, time_ms  # noqa: E402
-from zimage import fastattn, fp8_attention  # noqa: E402
+from zimage import fastattn, fp8_attention, vae_attention  # noqa: E402
 
 HEADS, HEAD = 30, 128
 # image patches + 256 caption tokens; Standard first (the sweep tunes at the first length), and a length that is not a
 # multiple of the key block (a short caption: 96 tokens), whose last block is masked
 PRESET_TOKENS = {"Standard": 4352, "Standard, short caption": 4192, "Draft": 2560, "High": 6656, "Ultra": 9472}
+VAE_HEAD = 512
+VAE_TOKENS = {"Standard": 16384, "High": 25600, "Draft": 9216}  # latent pixels: (side / 8)^2
 SWEEP = {"block_m": [64, 128], "block_n": [64, 128], "num_warps": [4, 8], "num_stages": [2, 3, 4]}
 
 
@@ -95,6 +102,31 @@ def measure(tokens: int, rows: list) -> None:
         print(json.dumps(row), flush=True)
 
 
+def measure_vae(tokens: int, rows: list) -> None:
+    """The VAE decoder's attention at `tokens` latent pixels: SDPA (PyTorch's choice) vs zimage::gemm_attention."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, 1, tokens, VAE_HEAD, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
+    exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    flops = 4 * tokens * tokens * VAE_HEAD
+    for name, call in {"vae sdpa (bf16)": F.scaled_dot_product_attention,
+                       "vae gemm_attention": torch.ops.zimage.gemm_attention}.items():
+        row = {"tokens": tokens, "candidate": name}
+        try:
+            out = call(q, k, v)
+            row["rel_l2_vs_fp32"] = round(rel_l2(out, exact), 5)
+            row["finite"] = bool(torch.isfinite(out).all())
+            row["us"] = round(1e3 * time_ms(lambda call=call: call(q, k, v), calls=20), 1)
+            row["tflops"] = round(flops / row["us"] / 1e6, 1)
+            if "gemm" in name:  # q k^T straight into float32 (aten baddbmm.dtype), or through float32 copies
+                row["out_dtype_gemm"] = vae_attention._out_dtype_gemm
+                row["chunk"] = vae_attention.chunk_rows(1, tokens)
+        except Exception as exc:  # noqa: BLE001 - one candidate failing must not hide the other
+            row["error"] = repr(exc)[:400]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    del exact
+
+
 def sweep(tokens: int) -> dict:
     """The fastest launch parameters of the 8-bit kernel (int8 qk) at `tokens`; every timing in `tried`."""
     q, k, v = inputs(tokens)
@@ -124,15 +156,23 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", default=",".join(str(t) for t in PRESET_TOKENS.values()))
     ap.add_argument("--out", default="attention.json")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--vae", action="store_true", help="time the VAE decoder's attention (one head of 512) instead")
+    ap.add_argument("--vae-tokens", default=",".join(str(t) for t in VAE_TOKENS.values()))
     args = ap.parse_args(argv)
     tokens = [int(t) for t in args.tokens.split(",")]
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    if args.vae:
+        args.sweep, tokens = False, []
+        rows = result["rows"] = []
+        for t in (int(t) for t in args.vae_tokens.split(",")):
+            measure_vae(t, rows)
+            Path(args.out).write_text(json.dumps(result, indent=1))
     if args.sweep:
         result["sweep"] = sweep(tokens[0])
         if result["sweep"]["best_config"]:
             fp8_attention.CONFIG.update(result["sweep"]["best_config"])
         result["best_config"] = result["sweep"]["best_config"]
-    rows = result["rows"] = []
+    rows = result.setdefault("rows", [])
     for t in tokens:
         measure(t, rows)
         Path(args.out).write_text(json.dumps(result, indent=1))

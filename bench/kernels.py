@@ -1,12 +1,14 @@
 """Check and time the hand-written kernels (zimage/kernels.py) against the code they replace, on a CUDA GPU.
 
-    python bench/kernels.py --out kernels.json [--sweep]
+    python bench/kernels.py --out kernels.json [--sweep] [--gemms | --gemms-only]
 
 Shape: one Standard 1024^2 block (4352 tokens = 4096 image + 256 caption; dim 3840, 30 heads of 128; SwiGLU
 2 x 10240), inputs laid out as the fused GEMMs leave them. Each kernel against its PyTorch reference, eager and
 compiled (what Inductor makes of the same math): agreement (rel-L2; fp8 codes equal) and time per call (CUDA
 events, median of 5 x 100 calls), with the byte floor at the measured copy bandwidth. `--sweep` also times each
 kernel's launch parameters and writes the fastest as `best_config` (bench/latency.py --kernel-config reads it).
+`--gemms` adds the GEMMs with epilogues (zimage/fused_gemm.py) against cuBLAS + the row kernels they replace, and
+Triton's plain GEMM against cuBLAS's (TFLOP/s); `--gemms-only` times only those.
 Prints a table; writes JSON.
 """
 
@@ -83,7 +85,13 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=4352)
     ap.add_argument("--out", default="kernels.json")
     ap.add_argument("--sweep", action="store_true", help="time each kernel's launch parameters; keep the fastest")
+    ap.add_argument("--gemms", action="store_true", help="also the GEMMs with epilogues (zimage/fused_gemm.py)")
+    ap.add_argument("--gemms-only", action="store_true", help="only the GEMMs with epilogues")
     args = ap.parse_args(argv)
+    if args.gemms_only:
+        bandwidth = copy_bandwidth()
+        rows, best = bench_gemms(args.tokens, args.sweep)
+        return report(args, rows, best, bandwidth)
     torch.manual_seed(0)
     dev, bf16 = "cuda", torch.bfloat16
     s, hidden = args.tokens, 10240
@@ -159,6 +167,8 @@ def main(argv=None) -> int:
             s * hidden * 6, None),
     }
     best = {}
+    if args.gemms:
+        rows, best = bench_gemms(args.tokens, args.sweep)
     for name, (call, reference, moved, grid) in cases.items():
         got, ref = _dense(call()), _dense(reference())
         compiled = torch.compile(reference, dynamic=False)
@@ -181,20 +191,106 @@ def main(argv=None) -> int:
             best[key] = fastest[1]
             row["best_us"], row["best"] = fastest
         rows.append(row)
+    return report(args, rows, best, bandwidth)
+
+
+def report(args, rows: list, best: dict, bandwidth: float) -> int:
+    from zimage import fused_gemm
 
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "copy_bandwidth_gbs": round(bandwidth / 1e9, 1), "kernels": rows, "config": kernels.CONFIG,
-              "best_config": best}
+              "copy_bandwidth_gbs": round(bandwidth / 1e9, 1), "kernels": rows,
+              "config": {**kernels.CONFIG, **fused_gemm.CONFIG}, "best_config": best}
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s")
     print(f"{'kernel':<28} {'ours us':>8} {'best us':>8} {'compiled ref us':>15} {'floor us':>8}  agreement")
     for r in rows:
         agreement = {k: round(v, 6) for k, v in r.items() if k.startswith(("rel_l2", "max_abs", "fp8", "scale"))}
         best_us = f"{r['best_us']:>8.1f}" if "best_us" in r else f"{'':>8}"
+        if "error" in r:
+            print(f"{r['kernel']:<28} failed: {r['error']}")
+            continue
+        if "unfused_us" in r:  # a GEMM: against cuBLAS (+ the row kernel it replaces) instead of a compiled reference
+            print(f"{r['kernel']:<28} {r['kernel_us']:>8.1f} {best_us} {'unfused/cuBLAS ' + format(r['unfused_us'], '.1f'):>15} "
+                  f"{r['tflops']:>6.0f} TF/s  {agreement} {r.get('best', '')}")
+            continue
         print(f"{r['kernel']:<28} {r['kernel_us']:>8.1f} {best_us} {r['compiled_reference_us']:>15.1f} "
               f"{r['floor_us']:>8.1f}  {agreement} {r.get('best', '')}")
     print(f"best launch parameters: {best}")
     return 0
+
+
+def bench_gemms(s: int, sweep: bool) -> tuple[list, dict]:
+    """The fused GEMMs of one Standard block against what they replace: cuBLAS's GEMM (F.linear / fp8.scaled_mm) plus
+    the row kernel (kernels.qk_norm_rope, kernels.swiglu). `kernel_us` is ours, `unfused_us` theirs; with `sweep`,
+    each tile configuration is timed and the fastest kept (best_config)."""
+    import torch.nn.functional as F
+
+    from zimage import fused_gemm
+
+    dev, bf16 = "cuda", torch.bfloat16
+    dim, heads, head, hidden = 3840, 30, 128, 10240
+    h = torch.randn(s, dim, device=dev, dtype=bf16)
+    wqkv = (torch.randn(3 * dim, dim, device=dev) / dim ** 0.5).to(bf16)
+    w13 = (torch.randn(2 * hidden, dim, device=dev) / dim ** 0.5).to(bf16)
+    hq, h_scale = fp8.quantize_rows(h)
+    wq, w_scale = fp8.quantize_rows(wqkv)
+    w_scale = w_scale.reshape(1, -1).contiguous()
+    q_w, k_w = torch.rand(head, device=dev, dtype=bf16) + 0.5, torch.rand(head, device=dev, dtype=bf16) + 0.5
+    angles = torch.rand(s, head // 2, device=dev) * 6.28
+    freqs = torch.stack((angles.cos(), angles.sin()), dim=-1).reshape(s, head)
+    qkv_flops, w13_flops = 2 * s * dim * 3 * dim, 2 * s * dim * 2 * hidden
+    plain = {"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8, "num_stages": 4, "num_warps": 8}
+    cases = {
+        # name: (ours, unfused, reference for agreement, FLOPs, config key, sweep grid)
+        "qkv_gemm": (
+            lambda: fused_gemm.qkv_norm_rope(h, None, wqkv, None, q_w, k_w, freqs, heads, 1e-5),
+            lambda: kernels.qk_norm_rope(F.linear(h, wqkv), q_w, k_w, freqs, heads, 1e-5),
+            lambda: fused_gemm.qkv_norm_rope_reference(h, None, wqkv, None, q_w, k_w, freqs, heads, 1e-5),
+            qkv_flops, {"BM": [128, 256], "BK": [64, 128], "num_stages": [3, 4, 5], "num_warps": [8]}),
+        "qkv_gemm_fp8": (
+            lambda: fused_gemm.qkv_norm_rope(hq, h_scale, wq, w_scale, q_w, k_w, freqs, heads, 1e-5),
+            lambda: kernels.qk_norm_rope(fp8.scaled_mm(hq, h_scale, wq, w_scale, None, bf16), q_w, k_w, freqs, heads,
+                                         1e-5),
+            lambda: fused_gemm.qkv_norm_rope_reference(hq, h_scale, wq, w_scale, q_w, k_w, freqs, heads, 1e-5),
+            qkv_flops, {"BM": [128, 256], "BK": [128], "num_stages": [3, 4, 5], "num_warps": [8]}),
+        "swiglu_gemm": (
+            lambda: fused_gemm.swiglu(h, w13),
+            lambda: kernels.swiglu(F.linear(h, w13), quant=False),
+            lambda: fused_gemm.swiglu_reference(h, w13),
+            w13_flops, {"BM": [64, 128], "BN": [64, 128], "BK": [64], "num_stages": [3, 4], "num_warps": [4, 8]}),
+        "plain w1/w3 GEMM (Triton)": (
+            lambda: fused_gemm.gemm(h, None, w13, None, plain), lambda: F.linear(h, w13), lambda: F.linear(h, w13),
+            w13_flops, None),
+    }
+    rows, best = [], {}
+    for name, (ours, unfused, reference, flops, grid) in cases.items():
+        try:
+            row = {"kernel": name, "rel_l2": rel_l2(ours(), reference()), "kernel_us": 1e3 * time_ms(ours),
+                   "unfused_us": 1e3 * time_ms(unfused)}
+        except Exception as exc:  # noqa: BLE001 - keep the other cases (a Triton without TMA descriptors, ...)
+            print(f"{name}: {exc!r}"[:300], flush=True)
+            rows.append({"kernel": name, "error": repr(exc)[:300]})
+            continue
+        row["tflops"] = flops / (row["kernel_us"] * 1e-6) / 1e12
+        if sweep and grid:
+            default = dict(fused_gemm.CONFIG[name])
+            trials = []
+            for params in _grid(grid):
+                fused_gemm.CONFIG[name] = {**default, **params}
+                try:
+                    trials.append((1e3 * time_ms(ours, repeats=3, calls=20), params))
+                except Exception as exc:  # noqa: BLE001 - a tile Triton refuses (registers, shared memory)
+                    print(f"{name} {params}: {exc!r}"[:200], flush=True)
+            fused_gemm.CONFIG[name] = default
+            if trials:
+                fastest = min(trials, key=lambda t: t[0])
+                row["sweep"] = [{"us": round(us, 2), **params} for us, params in trials]
+                best[name] = fastest[1]
+                row["best_us"], row["best"] = fastest
+                row["tflops"] = flops / (fastest[0] * 1e-6) / 1e12
+        print(json.dumps({k: v for k, v in row.items() if k != "sweep"}), flush=True)
+        rows.append(row)
+    return rows, best
 
 
 if __name__ == "__main__":

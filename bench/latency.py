@@ -9,9 +9,10 @@ A variant is '+'-joined tokens:
     native | cudnn | flash | efficient | fa3 | fa2     attention backend (diffusers names _native_cudnn, ...)
     fa4        FlashAttention-4 through the project's processor (zimage/fastattn.py)
     rope / norope, vaec / novaec, cg / nocg, encg / noencg, gn / nogn, fuse / nofuse, kern / nokern, bk / nobk,
-    sg / nosg, dg / nodg, fa8 / nofa8    speed switches (zimage/speed.py Switches: real_rope, vae_compile,
-               block_graphs, encoder_graphs, vae_split_norm, fused_projections, fused_kernels, block_kernels,
-               step_graphs, decode_graphs, fp8_attention); unnamed switches keep their defaults
+    sg / nosg, dg / nodg, fa8 / nofa8, fg / nofg, vga / novga    speed switches (zimage/speed.py Switches:
+               real_rope, vae_compile, block_graphs, encoder_graphs, vae_split_norm, fused_projections,
+               fused_kernels, block_kernels, step_graphs, decode_graphs, fp8_attention, fused_gemms,
+               vae_gemm_attention); unnamed switches keep their defaults
                (ZIMAGE_SPEED for the process)
     fp8        fp8 rowwise transformer (zimage/fp8.py) (embedders, final layer, adaLN kept bf16)
     tec        compile the text encoder's layers too (regional); teg: the same with CUDA graphs
@@ -59,7 +60,8 @@ ATTENTION = {"native": "native", "cudnn": "_native_cudnn", "flash": "_native_fla
              "fa3": "_flash_3", "fa2": "flash", "fa4": "fa4"}
 SWITCH_TOKENS = {"rope": "real_rope", "vaec": "vae_compile", "cg": "block_graphs", "encg": "encoder_graphs",
                  "gn": "vae_split_norm", "fuse": "fused_projections", "kern": "fused_kernels",
-                 "bk": "block_kernels", "sg": "step_graphs", "dg": "decode_graphs", "fa8": "fp8_attention"}
+                 "bk": "block_kernels", "sg": "step_graphs", "dg": "decode_graphs", "fa8": "fp8_attention",
+                 "fg": "fused_gemms", "vga": "vae_gemm_attention"}
 
 
 def parse_variant(spec: str) -> dict:
@@ -200,7 +202,8 @@ def count_flops(engine: Engine, request: GenerationRequest) -> dict:
     return {"total": counter.get_total_flops(), "by_module": by_module}
 
 
-AB_TOKENS = ("dg", "cg", "sg", "bk", "fa8")
+SCHEDULE_TOGGLES = {"fa8": "fp8_attention", "fg": "fused_gemms"}  # --ab tokens that flip a fastblocks.Schedule switch
+AB_TOKENS = ("dg", "cg", "sg", "bk", *SCHEDULE_TOGGLES)
 
 
 def ab_tokens(text: str) -> set[str]:
@@ -284,42 +287,45 @@ def run_variant(args, spec: str, flops_cache: dict, reference: dict, results: li
                                         / nobk_rows[0].steps, 1)
         if step_graphs is not None and nosg is not None:
             step_graphs.enabled = True
-        fa8 = None
+        toggled = {}
         stacks = cudagraph.block_stacks(engine.pipeline.transformer)
         schedules = [stack.kernels for stack in stacks if getattr(stack, "kernels", None) is not None]
-        if "fa8" in args.ab and schedules:
-            # fa8: the same engine with the blocks' 8-bit attention switched the other way (on where the variant has
-            # it off); the step graphs are captured again for it (and once more after). Quality: latents of seed
-            # 1234 against this engine's first call.
-            fa8 = {"fp8_attention": not schedules[0].fp8_attention}
+        for token, attr in SCHEDULE_TOGGLES.items():
+            if token not in args.ab or not schedules:
+                continue
+            # The same engine with one of the block schedule's switches the other way (fa8: the 8-bit attention, fg:
+            # the GEMMs with epilogues); the step graphs are captured again for it (and once more after). Quality:
+            # latents of seed 1234 against this engine's first call.
+            ab = {attr: not getattr(schedules[0], attr)}
             graph_sets = [*stacks, step_graphs]
 
-            def switch(on: bool) -> None:  # every graph captured the other attention's kernels: capture again
+            def switch(on: bool, attr=attr) -> None:  # every graph captured the other side's kernels: capture again
                 for schedule in schedules:
-                    schedule.fp8_attention = on
+                    setattr(schedule, attr, on)
                 for graphs in filter(None, graph_sets):
                     graphs.clear()
 
-            switch(fa8["fp8_attention"])
+            switch(ab[attr])
             other = run(engine, request_for(v, tier, aspect, 1234), keep_latents=True)
-            fa8_walls, fa8_rows = timed_runs(engine, v, tier, aspect, args.runs)
+            ab_walls, ab_rows = timed_runs(engine, v, tier, aspect, args.runs)
             if args.profile_out and shape == shapes[0]:  # the other side's kernels, beside the variant's own profile
                 from bench.gpu_profile import profile_generation, table as profile_table
 
                 try:
-                    fa8["profile"] = profile_generation(engine, GenerationRequest(PROMPT, preset=tier, aspect=aspect,
-                                                                                  seed=99))
-                    print(profile_table([{"variant": spec + " (fa8 switched)", "shape": shape,
-                                          "profile": fa8["profile"]}]), flush=True)
+                    ab["profile"] = profile_generation(engine, GenerationRequest(PROMPT, preset=tier, aspect=aspect,
+                                                                                 seed=99))
+                    print(profile_table([{"variant": f"{spec} ({token} switched)", "shape": shape,
+                                          "profile": ab["profile"]}]), flush=True)
                 except Exception as exc:  # noqa: BLE001 - keep the timings
-                    fa8["profile_error"] = repr(exc)[:500]
-            switch(not fa8["fp8_attention"])
+                    ab["profile_error"] = repr(exc)[:500]
+            switch(not ab[attr])
             ref_latents = first.latents[0]
-            fa8.update({k: round(x, 4) for k, x in summarize(fa8_walls).items()})
-            fa8["per_step_ms"] = round(1000 * statistics.median(r.timings["denoise"] for r in fa8_rows)
-                                       / fa8_rows[0].steps, 1)
-            fa8["rel_l2_latents_vs_first"] = round(float((other.latents[0] - ref_latents).norm() / ref_latents.norm()), 5)
-            fa8["nonfinite"] = not bool(torch.isfinite(other.latents[0]).all())
+            ab.update({k: round(x, 4) for k, x in summarize(ab_walls).items()})
+            ab["per_step_ms"] = round(1000 * statistics.median(r.timings["denoise"] for r in ab_rows)
+                                      / ab_rows[0].steps, 1)
+            ab["rel_l2_latents_vs_first"] = round(float((other.latents[0] - ref_latents).norm() / ref_latents.norm()), 5)
+            ab["nonfinite"] = not bool(torch.isfinite(other.latents[0]).all())
+            toggled[f"{attr}_toggled"] = ab
             run(engine, request_for(v, tier, aspect, 1234))  # the next calls replay graphs of the variant's own kind
         syncs = host_syncs(engine, request) if args.sync_debug and torch.cuda.is_available() else None
         png = []
@@ -355,7 +361,7 @@ def run_variant(args, spec: str, flops_cache: dict, reference: dict, results: li
             "floor_s_at_bf16_peak": round(flops / (BF16_PEAK_TFLOPS * 1e12), 4),
             "describe": engine.describe(), "compile_stats": compiled_stats, "e2e_s_graphs_off": nocg,
             "e2e_s_block_kernels_off": nobk, "e2e_s_step_graphs_off": nosg, "e2e_s_decode_graphs_off": nodg,
-            "fp8_attention_toggled": fa8,
+            **toggled,
             "host_syncs": syncs,
             "decode_graphs": ({"captures": decode_graphs.captures, "replays": decode_graphs.replays}
                               if decode_graphs is not None else None),
@@ -383,8 +389,8 @@ def run_variant(args, spec: str, flops_cache: dict, reference: dict, results: li
         summary = {k: entry[k] for k in ("variant", "shape", "e2e_s", "engine_total_s", "cleanup_s", "per_step_ms",
                                          "text_encode_s", "first_call_s", "first_task_call_s", "peak_vram_gib")}
         summary.update({k: v for k, v in entry.items() if k.startswith("e2e_s_") and v})  # the same engine's A/Bs
-        if fa8:
-            summary["fp8_attention_toggled"] = {k: v for k, v in fa8.items() if k != "profile"}
+        for key, ab in toggled.items():
+            summary[key] = {k: v for k, v in ab.items() if k != "profile"}
         print(json.dumps(summary), flush=True)
     if args.profile_out:  # the same engine, already compiled: one profiled generation of the first shape
         from bench.gpu_profile import profile_generation, table as profile_table
@@ -505,7 +511,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-flops", action="store_true", help="do not count FLOPs (saves one eager generation)")
     ap.add_argument("--ab", default="dg,cg,sg,bk", type=ab_tokens,
                     help="the same-engine A/Bs to run, comma-separated (empty: none): dg decode graphs off, cg block "
-                         "graphs off, sg step graphs off, bk block kernels off, fa8 the blocks' 8-bit attention "
+                         "graphs off, sg step graphs off, bk block kernels off, fg the GEMMs with epilogues and fa8 "
+                         "the blocks' 8-bit attention"
                          "switched the other way (with its latents' rel-L2)")
     ap.add_argument("--sync-debug", action="store_true", help="also list where one generation waits for the GPU")
     ap.add_argument("--kernel-config", default="", help="a JSON file of launch parameters for zimage/kernels.py "
@@ -519,12 +526,12 @@ def main(argv=None) -> int:
         fp8_attention.CONFIG.update(json.loads(Path(args.attention_config).read_text())["best_config"] or {})
         print(f"8-bit attention launch parameters: {fp8_attention.CONFIG}", flush=True)
     if args.kernel_config:
-        from zimage import kernels
+        from zimage import fused_gemm, kernels
 
         config = json.loads(Path(args.kernel_config).read_text())
         for name, params in config.get("best_config", config).items():
-            kernels.CONFIG[name].update(params)
-        print(f"kernel launch parameters: {kernels.CONFIG}", flush=True)
+            (kernels.CONFIG if name in kernels.CONFIG else fused_gemm.CONFIG)[name].update(params)
+        print(f"kernel launch parameters: {kernels.CONFIG} {fused_gemm.CONFIG}", flush=True)
     out = Path(args.out)
     results, flops_cache, reference, services, profiles = [], {}, {}, [], []
     for spec in args.variants.split(","):

@@ -246,7 +246,8 @@ def test_decode_graphs_fall_back_off_the_gpu_and_pixels_match_diffusers(shared_e
 def test_decode_graphs_are_installed_with_the_compiled_decoder_only(monkeypatch):
     """apply_switches gives the VAE decode graphs only where it compiled the decoder (CUDA, full profile)."""
     calls = []
-    monkeypatch.setattr(speed, "compile_vae_decoder", lambda vae, split_norm=False: calls.append("compiled"))
+    monkeypatch.setattr(speed, "compile_vae_decoder",
+                        lambda vae, split_norm=False, gemm_attention=False: calls.append("compiled"))
     monkeypatch.setattr(cudagraph, "install_transformer", lambda transformer: types.SimpleNamespace(_pool="pool"))
     monkeypatch.setattr(cudagraph, "install_decode", lambda vae, fn, pool=None, room=None: calls.append((pool, room)))
     monkeypatch.setattr(cudagraph, "install_text_encoder", lambda te: None)

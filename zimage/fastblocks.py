@@ -17,7 +17,8 @@ one block fused into the first norm of the next, a block is eleven launches (ten
     w1/w3 GEMM (fused weight); silu(h1) * h3 -> e4m3; w2 GEMM        kernels.swiglu
     x += tanh(gate_mlp) * RMSNorm(ffn); the next block's first norm -> e4m3      kernels.residual_norm
 
-The same schedule runs bf16 weights (the kernels then write bf16). Nothing here is traced by Dynamo, so a restart
+The same schedule runs bf16 weights (the kernels then write bf16). With switch `fused_gemms` (fused_gemm.py, a
+Hopper GPU), the q/k norm + RoPE runs in the q/k/v GEMM's epilogue, and in bf16 the SwiGLU in the w1/w3 GEMM's. Nothing here is traced by Dynamo, so a restart
 does not trace the 30 main blocks; `cudagraph.GraphedBlocks` calls `Schedule.run` for the stack, and the whole step
 is captured as one CUDA graph by `cudagraph.GraphedTransformer` (switch `step_graphs`). Measured (H100, Standard,
 fp8, docs/PERFORMANCE.md 2026-11-25 second session): 74.7 -> 70.7 ms/step in one engine. Numerics: the blocks' math in float32 between bf16 (or e4m3) tensors, like
@@ -37,7 +38,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from . import fp8, kernels
+from . import fp8, fused_gemm, kernels
 from . import fp8_attention as attention8
 from .fusion import base_linear
 
@@ -112,9 +113,10 @@ def _describe(block) -> "_Block | None":
 class Schedule:
     """The schedules of a block stack (`transformer.layers`), built on first use."""
 
-    def __init__(self, allow_cpu: bool = False, fp8_attention: bool = False):
+    def __init__(self, allow_cpu: bool = False, fp8_attention: bool = False, fused_gemms: bool = False):
         self.blocks: list[_Block] | None = None
         self.fp8_attention = fp8_attention  # attention on 8-bit operands (fp8_attention.py) where its shapes fit
+        self.fused_gemms = fused_gemms  # GEMMs with the next row kernel in their epilogue (fused_gemm.py)
         self.layers: tuple = ()  # the modules `blocks` was planned for (a plan that failed is kept too)
         self.runs = 0
         self.allow_cpu = allow_cpu  # the tests: CPU tensors run the kernels' PyTorch references
@@ -141,11 +143,14 @@ class Schedule:
         if blocks is None or not all(b.ready() for b in blocks) or (adaln is None) == blocks[0].modulated:
             return None
         self.runs += 1
-        return run_blocks(blocks, x, freqs, adaln, self.fp8_attention)
+        head = x.shape[-1] // blocks[0].heads  # the q/k epilogue's tile is one head: a power of two
+        fused = (self.fused_gemms and head in (16, 32, 64, 128, 256)
+                 and (fused_gemm.available(x.device) if x.is_cuda else kernels._interpreting()))
+        return run_blocks(blocks, x, freqs, adaln, self.fp8_attention, fused)
 
 
 def run_blocks(blocks: list[_Block], x: torch.Tensor, freqs: torch.Tensor, adaln: torch.Tensor | None,
-               fp8_attention: bool = False) -> torch.Tensor:
+               fp8_attention: bool = False, fused_gemms: bool = False) -> torch.Tensor:
     batch, seq, dim = x.shape
     rows = batch * seq
     quant = blocks[0].fp8
@@ -165,10 +170,15 @@ def run_blocks(blocks: list[_Block], x: torch.Tensor, freqs: torch.Tensor, adaln
     for i, b in enumerate(blocks):
         mod = mods[i]
         norm1, norm2, ffn_norm1, ffn_norm2, q_weight, k_weight = b.norms
-        qkv = b.gemm(b.qkv, h, h_scale)
-        qk = kernels.qk_norm_rope(qkv, q_weight, k_weight, freqs, b.heads, b.qk_eps)
         shape = (batch, seq, b.heads, dim // b.heads)
-        q, k, v = qk[0].view(shape), qk[1].view(shape), qkv[:, 2 * dim:].view(shape)
+        if fused_gemms:
+            q, k, v = (t.view(shape) for t in fused_gemm.qkv_norm_rope(
+                h, h_scale, b.qkv.weight, b.qkv.weight_scale if quant else None, q_weight, k_weight, freqs,
+                b.heads, b.qk_eps))
+        else:
+            qkv = b.gemm(b.qkv, h, h_scale)
+            qk = kernels.qk_norm_rope(qkv, q_weight, k_weight, freqs, b.heads, b.qk_eps)
+            q, k, v = qk[0].view(shape), qk[1].view(shape), qkv[:, 2 * dim:].view(shape)
         o = attention8.attention(q, k, v) if fp8_attention and attention8.supported(q) else b.attend(q, k, v)
         if quant:
             o, o_scale = kernels.quantize_heads(o)
@@ -177,7 +187,10 @@ def run_blocks(blocks: list[_Block], x: torch.Tensor, freqs: torch.Tensor, adaln
         attn = b.gemm(b.out, o, o_scale)
         x, h, h_scale = kernels.residual_norm(x, seq, b.eps, branch=attn, branch_weight=norm2, gate=part(mod, 1),
                                               weight=ffn_norm1, scale=part(mod, 2), quant=quant)
-        g, g_scale = kernels.swiglu(b.gemm(b.w13, h, h_scale), quant=quant)
+        if fused_gemms and not quant:
+            g, g_scale = fused_gemm.swiglu(h, b.w13.weight), None
+        else:
+            g, g_scale = kernels.swiglu(b.gemm(b.w13, h, h_scale), quant=quant)
         ffn = b.gemm(b.w2, g, g_scale)
         nxt = blocks[i + 1] if i + 1 < len(blocks) else None
         x, h, h_scale = kernels.residual_norm(

@@ -37,6 +37,9 @@ class Switches:
     fused_kernels  the fp8 SwiGLU and the quantization of its output as one Triton kernel (kernels.py; the PyTorch
                 reference where Triton is absent); with fused_projections
     vae_split_norm  the compiled decoder's GroupNorms with two-step statistics (groupnorm.py); with vae_compile
+    vae_gemm_attention  the decoder's mid-block attention (one head of 512, which flash/cuDNN SDPA cannot take) as
+                two GEMMs and a float32 softmax (vae_attention.py) instead of SDPA's memory-efficient kernel; with
+                vae_compile
     fused_projections  q/k/v and w1/w3 as one GEMM each over a shared weight (fusion.py); a transformer that
                 stays resident (not the streamed 12gb profile)
     block_kernels  the main blocks and both refiners scheduled by hand on Triton kernels + the GEMMs, without
@@ -49,6 +52,8 @@ class Switches:
     fp8_attention  the blocks' attention on 8-bit operands (int8 QK^T, e4m3 PV; fp8_attention.py, a Triton kernel)
                 instead of bf16 SDPA/FA4; with block_kernels, fp8 or bf16 weights alike. Off: slower than cuDNN's bf16
                 attention on the H100 (2026-12-07: fp8 0.5785 -> 0.6096 s, bf16 0.8185 -> 0.8357 s in one engine)
+    fused_gemms the q/k norm + RoPE in the q/k/v GEMM's epilogue and (bf16) the SwiGLU in the w1/w3 GEMM's
+                (fused_gemm.py, Triton GEMMs on TMA); with block_kernels, a GPU of compute capability >= 9.0
     2026-11-25, second session (fp8, Standard): block_kernels on (74.7 -> 70.7 ms/step in one engine), step_graphs
     on (0.627 -> 0.611 s in one engine; GPU idle 3.2 -> 1.5 ms/step).
     Defaults (measured, H100 2026-11-24, bf16): real_rope on (-3.2 ms/step), vae_compile on (decode 108 -> 45 ms),
@@ -78,6 +83,13 @@ class Switches:
     # (H200, Standard, fp8 and bf16): attention 16.3 -> ~10.9 ms/step at ~1.5x cuDNN's bf16 rate, quantization and
     # k's mean ~1.4 ms/step extra: ~-31 ms a generation; quality: latents' rel-L2 (bench/latency.py --ab fa8).
     fp8_attention: bool = False
+    # Off until measured on a GPU (written 2026-12-07, fourth session; CPU: Triton's interpreter). Predicted (H100,
+    # Standard): bf16 -~37 ms a generation if the Triton GEMMs run at cuBLAS's rate (the SwiGLU kernel's 89 µs and
+    # the q/k kernel's 49 µs a block gone; break-even at ~9 % slower GEMMs); fp8 the q/k kernel only, ~-13 ms.
+    fused_gemms: bool = False
+    # Off until measured on a GPU. Predicted (H100, Standard): the decoder's attention 4.6 -> ~2-2.6 ms of the 35 ms
+    # decode (bench/attention.py --vae).
+    vae_gemm_attention: bool = False
     precompile: bool = True  # predicted: fp8 restart 66.8 -> <= 40 s (CPU tiny: first warm-up shape 6.2 -> 0.9 s)
 
     @classmethod
@@ -289,7 +301,7 @@ def _prepare_output_hooks(text_encoder) -> None:
                     del module._forward_hooks[key]
 
 
-def compile_vae_decoder(vae, split_norm: bool = False) -> None:
+def compile_vae_decoder(vae, split_norm: bool = False, gemm_attention: bool = False) -> None:
     """channels-last VAE and a compiled decoder: GroupNorm and the convolutions' NCHW<->NHWC conversions
     were 57 of the 100 ms eager decode on the H100 (measured 101.7 -> 48.2 ms, 2026-11-24).
 
@@ -300,6 +312,10 @@ def compile_vae_decoder(vae, split_norm: bool = False) -> None:
         from . import groupnorm
 
         groupnorm.install(vae.decoder)
+    if gemm_attention:  # the head-512 attention as GEMMs + softmax, opaque to Inductor (vae_attention.py)
+        from . import vae_attention
+
+        vae_attention.install(vae)
     # dynamic: one trace for every preset's size (Draft, Standard, High; Ultra decodes tiled, eagerly), so a
     # restart re-traces the decoder once instead of once per size.
     vae.decoder.compile(dynamic=True)
@@ -329,10 +345,9 @@ def apply_switches(pipe, device: str, compiled: bool, profile: str, sw: Switches
     on_gpu = device.startswith("cuda")
     # `full` only: the compiled decoder's peak was 38.6 GiB at 1024^2 vs 21.5 GiB eager (H100, 2026-11-24).
     if sw.vae_compile and compiled and on_gpu and profile == "full":
-        compile_vae_decoder(pipe.vae, split_norm=sw.vae_split_norm)
-        applied.append("vae_compile")
-        if sw.vae_split_norm:
-            applied.append("vae_split_norm")
+        compile_vae_decoder(pipe.vae, split_norm=sw.vae_split_norm, gemm_attention=sw.vae_gemm_attention)
+        applied += [name for name in ("vae_compile", "vae_split_norm", "vae_gemm_attention")
+                    if name == "vae_compile" or getattr(sw, name)]
     block_kernels = sw.block_kernels and fused and on_gpu and kernels.available(device)
     block_graphs = sw.block_graphs and compiled and on_gpu and profile == "full"
     if block_kernels:
@@ -341,9 +356,11 @@ def apply_switches(pipe, device: str, compiled: bool, profile: str, sw: Switches
     for name in cudagraph.STACKS if block_kernels else ("layers",) if block_graphs else ():
         stack = cudagraph.install(pipe.transformer, name)
         stack.enabled = block_graphs and name == "layers"
-        stack.kernels = fastblocks.Schedule(fp8_attention=sw.fp8_attention) if block_kernels else None
+        stack.kernels = (fastblocks.Schedule(fp8_attention=sw.fp8_attention, fused_gemms=sw.fused_gemms)
+                         if block_kernels else None)
     applied += [name for name, on in (("block_kernels", block_kernels), ("block_graphs", block_graphs),
-                                      ("fp8_attention", block_kernels and sw.fp8_attention)) if on]
+                                      ("fp8_attention", block_kernels and sw.fp8_attention),
+                                      ("fused_gemms", block_kernels and sw.fused_gemms)) if on]
     step_graphs = None
     if sw.step_graphs and compiled and on_gpu and profile == "full":
         step_graphs = cudagraph.install_transformer(pipe.transformer)
