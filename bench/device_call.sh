@@ -1,39 +1,42 @@
 #!/usr/bin/env bash
-# The device calls for issue 19 (2026-12-07, fourth session), two back-to-back calls on one warm machine, most
-# important first under one deadline. Run on the device from the repository root:
-#   call 1, carry .whl-fa4a:           mkdir -p /tmp/fa4 && cp .whl-fa4a/* /tmp/fa4/ && bash bench/device_call.sh kernels 240
+# The device calls for issue 19 (2026-12-07, fourth session): two back-to-back calls on one warm machine, most
+# important first under one deadline; the first stands alone if the second never comes. Run on the device from the
+# repository root. flash-attn-4's 92 MB wheel is split in three (36 MB parts; ../shared/gpu/fetch-wheels.sh fa4,
+# re-split): .whl-fa4a holds the small wheels and part-aa, .whl-fa4b part-ab, part-ac and NAME.
+#   call 1, carry .whl and .whl-fa4a:   bash bench/device_call.sh first 420
 #       the GEMMs with epilogues against cuBLAS + the row kernels, with a tile sweep (bench/kernels.py --gemms-only);
-#       the VAE attention as GEMMs against SDPA (bench/attention.py --vae). Needs only torch + Triton.
-#   call 2, carry .whl and .whl-fa4b:  bash bench/device_call.sh latency 540
-#       flash-attn-4 reassembled and installed (../shared/gpu/fetch-wheels.sh fa4); Standard 1024², 10 runs:
-#       fp8 and bf16 with fused_gemms on and the same engine with them off (--ab fg), the VAE attention as GEMMs
-#       where call 1 found it faster, then the fp8 defaults alone (the decode without it).
+#       the VAE attention as GEMMs against SDPA (bench/attention.py --vae); Standard 1024², fp8, SDPA attention,
+#       fused_gemms on with the same engine off (--ab fg), the VAE attention as GEMMs where it was faster.
+#   call 2, right after, carry .whl-fa4b: bash bench/device_call.sh fa4 540
+#       flash-attn-4 reassembled and installed beside call 1's wheels; fp8 and bf16 with FA4, --ab fg again.
 # Writes under $OUT (a call brings back 8 files).
 OUT=${OUT:?set OUT to a folder for the results}
 export PYTHONUNBUFFERED=1
-mode=${1:?kernels or latency}
+mode=${1:?first or fa4}
 start=$SECONDS
 budget=${2:-540}
 left() { echo $((budget - (SECONDS - start))); }
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.limit --format=csv
 
-if [ "$mode" = kernels ]; then
+if [ "$mode" = first ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit
+  mkdir -p /tmp/fa4 && cp .whl-fa4a/* /tmp/fa4/
+  export PYTHONPATH=/tmp/site
   python3 -c "import triton, torch; print('triton', triton.__version__, 'torch', torch.__version__)"
-  timeout "$(left)" python3 bench/kernels.py --gemms-only --sweep --out "$OUT/gemm.json" > "$OUT/gemm.log" 2>&1
+  timeout 200 python3 bench/kernels.py --gemms-only --sweep --out "$OUT/gemm.json" > "$OUT/gemm.log" 2>&1
   echo "gemms: rc=$? at $((SECONDS - start)) s"; grep -v '^{' "$OUT/gemm.log" | tail -12
   cp "$OUT/gemm.json" /tmp/gemm.json 2>/dev/null  # call 2 reads the tiles from here (same machine)
-  timeout "$(left)" python3 bench/attention.py --vae --out "$OUT/vae.json" > "$OUT/vae.log" 2>&1
+  timeout 60 python3 bench/attention.py --vae --out "$OUT/vae.json" > "$OUT/vae.log" 2>&1
   echo "vae attention: rc=$? at $((SECONDS - start)) s"; grep '^{' "$OUT/vae.log"
   cp "$OUT/vae.json" /tmp/vae.json 2>/dev/null
-  exit 0
+else  # fa4: call 1's wheels are in /tmp/site on this machine, flash-attn-4's parts in /tmp/fa4 and .whl-fa4b
+  [ -d /tmp/site/diffusers ] || { echo "a fresh machine: call 1's wheels are not here"; exit 3; }
+  cat /tmp/fa4/part-aa .whl-fa4b/part-ab .whl-fa4b/part-ac > "/tmp/fa4/$(cat .whl-fa4b/NAME)" && rm /tmp/fa4/part-aa
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    /tmp/fa4/*.whl || exit
+  export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages
 fi
-
-# latency
-if [ -f .whl-fa4b/NAME ] && [ -f /tmp/fa4/part-aa ]; then
-  cat /tmp/fa4/part-aa .whl-fa4b/part-ab > "/tmp/fa4/$(cat .whl-fa4b/NAME)" && rm /tmp/fa4/part-aa
-fi
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  $(ls /tmp/fa4/*.whl 2>/dev/null) && export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages || exit
 attention=native
 python3 -c "from flash_attn.cute import flash_attn_func" 2>/dev/null && attention=fa4
 echo "attention: $attention"
@@ -51,6 +54,9 @@ except Exception:
 EOF
 )
 echo "vae attention as GEMMs: ${vga:-no}"
+fg=+fg ab=fg  # the GEMMs with epilogues, unless their kernel failed in bench/kernels.py
+python3 -c "import json, sys; sys.exit(any('error' in r for r in json.load(open('/tmp/gemm.json'))['kernels']))" \
+  || { fg="" ab=""; echo "fused GEMMs failed in bench/kernels.py: not used"; }
 
 latency() {  # $1 variants, $2 name, $3 --ab: Standard 1024², 10 runs
   timeout "$(left)" python3 bench/latency.py --model random-full --shapes Standard:1:1 --runs 10 --skip-flops \
@@ -59,6 +65,10 @@ latency() {  # $1 variants, $2 name, $3 --ab: Standard 1024², 10 runs
   grep -E '^\{|launch parameters' "$OUT/lat-$2.log" | cut -c1-1500
 }
 
-latency "compiled+$attention+fp8+fg$vga" fp8 fg
-if [ "$(left)" -gt 150 ]; then latency "compiled+$attention+fg$vga" bf16 fg; fi
-if [ "$(left)" -gt 100 ]; then latency "compiled+$attention+fp8" fp8-defaults ""; fi
+if [ "$mode" = first ]; then
+  latency "compiled+$attention+fp8$fg$vga" fp8 "$ab"
+  if [ "$(left)" -gt 170 ]; then latency "compiled+$attention$fg$vga" bf16 "$ab"; fi
+else
+  latency "compiled+$attention+fp8$fg$vga" fa4-fp8 "$ab"
+  if [ "$(left)" -gt 150 ]; then latency "compiled+$attention$fg$vga" fa4-bf16 "$ab"; fi
+fi
