@@ -24,10 +24,10 @@ if [ "$mode" = first ]; then
   mkdir -p /tmp/fa4 && cp .whl-fa4a/* /tmp/fa4/
   export PYTHONPATH=/tmp/site
   python3 -c "import triton, torch; print('triton', triton.__version__, 'torch', torch.__version__)"
-  timeout 150 python3 bench/kernels.py --gemms-only --sweep --out "$OUT/gemm.json" > "$OUT/gemm.log" 2>&1
+  timeout 110 python3 bench/kernels.py --gemms-only --sweep --out "$OUT/gemm.json" > "$OUT/gemm.log" 2>&1
   echo "gemms: rc=$? at $((SECONDS - start)) s"; grep -v '^{' "$OUT/gemm.log" | tail -12
   cp "$OUT/gemm.json" /tmp/gemm.json 2>/dev/null  # call 2 reads the tiles from here (same machine)
-  timeout 60 python3 bench/attention.py --vae --out "$OUT/vae.json" > "$OUT/vae.log" 2>&1
+  timeout 40 python3 bench/attention.py --vae --out "$OUT/vae.json" > "$OUT/vae.log" 2>&1
   echo "vae attention: rc=$? at $((SECONDS - start)) s"; grep '^{' "$OUT/vae.log"
   cp "$OUT/vae.json" /tmp/vae.json 2>/dev/null
 else  # fa4: call 1's wheels are in /tmp/site on this machine, flash-attn-4's parts in /tmp/fa4 and .whl-fa4b
