@@ -222,7 +222,7 @@ def quantize_fp8(module: torch.nn.Module, excluded: tuple[str, ...] = FP8_EXCLUD
 
 def use_compile_cache(folder) -> None:
     """Persist Inductor's compiled kernels and FX graphs, so a restart recompiles from cache (seconds,
-    not minutes), and the hand-written Triton kernels' binaries (kernels.py, fp8_attention.py) beside them. Folders
+    not minutes), and the hand-written Triton kernels' binaries (kernels.py, fp8_attention.py, fused_gemm.py) beside them. Folders
     the user set through TORCHINDUCTOR_CACHE_DIR / TRITON_CACHE_DIR are kept."""
     import os
     from pathlib import Path
