@@ -81,6 +81,15 @@ def candidates() -> dict:
     return found
 
 
+def timed(row: dict, call, qkv: tuple, exact: torch.Tensor, flops: float) -> None:
+    """One candidate's agreement with float32 attention and its time per call, into `row`."""
+    out = call(*qkv)
+    row["rel_l2_vs_fp32"] = round(rel_l2(out, exact), 5)
+    row["finite"] = bool(torch.isfinite(out).all())
+    row["us"] = round(1e3 * time_ms(lambda: call(*qkv), calls=20), 1)
+    row["tflops"] = round(flops / row["us"] / 1e6, 1)
+
+
 def measure(tokens: int, rows: list) -> None:
     q, k, v = inputs(tokens)
     exact = F.scaled_dot_product_attention(*(t.float().transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
@@ -88,11 +97,7 @@ def measure(tokens: int, rows: list) -> None:
     for name, call in candidates().items():
         row = {"tokens": tokens, "candidate": name}
         try:
-            out = call(q, k, v)
-            row["rel_l2_vs_fp32"] = round(rel_l2(out, exact), 5)
-            row["finite"] = bool(torch.isfinite(out).all())
-            row["us"] = round(1e3 * time_ms(lambda call=call: call(q, k, v), calls=20), 1)
-            row["tflops"] = round(flops / row["us"] / 1e6, 1)
+            timed(row, call, (q, k, v), exact, flops)
             if name.startswith("8-bit"):  # its QK_FORMAT is set by the call above
                 row["quantize_us"] = round(1e3 * time_ms(lambda: fp8_attention.quantize_inputs(q, k, v), calls=20), 1)
                 row["config"] = dict(fp8_attention.CONFIG)
@@ -112,11 +117,7 @@ def measure_vae(tokens: int, rows: list) -> None:
                        "vae gemm_attention": torch.ops.zimage.gemm_attention}.items():
         row = {"tokens": tokens, "candidate": name}
         try:
-            out = call(q, k, v)
-            row["rel_l2_vs_fp32"] = round(rel_l2(out, exact), 5)
-            row["finite"] = bool(torch.isfinite(out).all())
-            row["us"] = round(1e3 * time_ms(lambda call=call: call(q, k, v), calls=20), 1)
-            row["tflops"] = round(flops / row["us"] / 1e6, 1)
+            timed(row, call, (q, k, v), exact, flops)
             if "gemm" in name:  # q k^T straight into float32 (aten baddbmm.dtype), or through float32 copies
                 row["out_dtype_gemm"] = vae_attention._out_dtype_gemm
                 row["chunk"] = vae_attention.chunk_rows(1, tokens)

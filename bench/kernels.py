@@ -80,6 +80,19 @@ def _grid(grid: dict) -> list[dict]:
     return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
 
 
+def sweep_launches(config: dict, key: str, grid: dict, call, calls: int) -> list[tuple[float, dict]]:
+    """(µs per call, parameters) for each launch-parameter set of `grid` tried on config[key]; config is restored."""
+    default, trials = dict(config[key]), []
+    for params in _grid(grid):
+        config[key] = {**default, **params}
+        try:
+            trials.append((1e3 * time_ms(call, repeats=3, calls=calls), params))
+        except Exception as exc:  # noqa: BLE001 - a parameter set Triton refuses (registers, shared memory)
+            print(f"{key} {params}: {exc!r}"[:200], flush=True)
+    config[key] = default
+    return trials
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=4352)
@@ -177,15 +190,7 @@ def main(argv=None) -> int:
                "floor_us": 1e6 * moved / bandwidth}
         if args.sweep and grid:
             key = name.split(" ")[0]
-            default = dict(kernels.CONFIG[key])
-            trials = []
-            for params in _grid(grid):
-                kernels.CONFIG[key] = {**default, **params}
-                try:
-                    trials.append((1e3 * time_ms(call, repeats=3, calls=50), params))
-                except Exception as exc:  # noqa: BLE001 - a parameter set Triton refuses (registers, shared memory)
-                    print(f"{name} {params}: {exc!r}"[:200], flush=True)
-            kernels.CONFIG[key] = default
+            trials = sweep_launches(kernels.CONFIG, key, grid, call, calls=50)
             fastest = min(trials, key=lambda t: t[0])
             row["sweep"] = [{"us": round(us, 2), **params} for us, params in trials]
             best[key] = fastest[1]
@@ -273,15 +278,7 @@ def bench_gemms(s: int, sweep: bool) -> tuple[list, dict]:
             continue
         row["tflops"] = flops / (row["kernel_us"] * 1e-6) / 1e12
         if sweep and grid:
-            default = dict(fused_gemm.CONFIG[name])
-            trials = []
-            for params in _grid(grid):
-                fused_gemm.CONFIG[name] = {**default, **params}
-                try:
-                    trials.append((1e3 * time_ms(ours, repeats=3, calls=20), params))
-                except Exception as exc:  # noqa: BLE001 - a tile Triton refuses (registers, shared memory)
-                    print(f"{name} {params}: {exc!r}"[:200], flush=True)
-            fused_gemm.CONFIG[name] = default
+            trials = sweep_launches(fused_gemm.CONFIG, name, grid, ours, calls=20)
             if trials:
                 fastest = min(trials, key=lambda t: t[0])
                 row["sweep"] = [{"us": round(us, 2), **params} for us, params in trials]

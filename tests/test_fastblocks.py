@@ -108,18 +108,19 @@ def test_the_wrong_kind_of_call_is_refused():
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 
 
-def interpreted(check: str) -> dict:
-    """Run `check` (a function of this module returning {name: (error, bound)}) under Triton's interpreter."""
+def interpreted(check: str, script: str = __file__) -> dict:
+    """Run `check` (a function of `script`, a test module, returning {name: (error, bound)}) under Triton's
+    interpreter."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(ROOT)] + sys.path)}
-    done = subprocess.run([sys.executable, __file__, check], env=env, cwd=ROOT, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, script, check], env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def check_schedule() -> dict:
+def check_schedule(fused_gemms: bool = False) -> dict:
     """The interpreter rounds to bf16 and e4m3 by truncation, not to nearest, so the bounds are wider than above; a
-    wrong index or formula is off by ~1."""
+    wrong index or formula is off by ~1. `fused_gemms`: with the GEMMs' epilogues (tests/test_fused_gemm.py)."""
     errors = {}
     for quantize in (False, True):
         model = prepared(quantize)
@@ -127,8 +128,10 @@ def check_schedule() -> dict:
             args = block_inputs(model, *inputs(BF16), stack=stack)
             hidden, freqs, adaln = args[0], args[2], args[3] if len(args) > 3 else None
             reference = diffusers_blocks(model, hidden, freqs, adaln, stack)
-            error = rel_l2(schedule_output(model, hidden, freqs, adaln, stack), reference)
-            errors[f"{stack} fp8={quantize}"] = (error, 0.03 if not quantize else 0.2)
+            with torch.no_grad():
+                got = fastblocks.Schedule(allow_cpu=True, fused_gemms=fused_gemms).run(getattr(model, stack), hidden,
+                                                                                        freqs, adaln)
+            errors[f"{stack} fp8={quantize}"] = (rel_l2(got, reference), 0.03 if not quantize else 0.2)
     return errors
 
 

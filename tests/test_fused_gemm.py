@@ -6,26 +6,13 @@ diffusers' blocks. The interpreter rounds to bf16 and e4m3 by truncation, so the
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.test_fastblocks import BF16, block_inputs, diffusers_blocks, needs_triton, prepared, rel_l2
-from tests.test_fastattn import inputs
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def interpreted(check: str) -> dict:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(ROOT)] + sys.path)}
-    done = subprocess.run([sys.executable, __file__, check], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+from tests import test_fastblocks
+from tests.test_fastblocks import BF16, interpreted, needs_triton, prepared, rel_l2
 
 
 def check_kernels() -> dict:
@@ -41,6 +28,7 @@ def check_kernels() -> dict:
     h = torch.randn(rows, k).to(BF16)
     w = (torch.randn(3 * dim, k) / 8).to(BF16)
     w13 = (torch.randn(2 * hidden, k) / 8).to(BF16)
+    w13_odd = (torch.randn(2 * 40, k) / 8).to(BF16)
     q_w, k_w = torch.rand(head).to(BF16) + 0.5, torch.rand(head).to(BF16) + 0.5
     angles = torch.rand(rows, head // 2) * 6.28
     freqs = torch.stack((angles.cos(), angles.sin()), dim=-1).reshape(rows, head)
@@ -53,6 +41,8 @@ def check_kernels() -> dict:
         "qkv fp8": (fused_gemm.qkv_norm_rope(hq, h_scale, wq, w_scale, q_w, k_w, freqs, heads, 1e-5),
                     fused_gemm.qkv_norm_rope_reference(hq, h_scale, wq, w_scale, q_w, k_w, freqs, heads, 1e-5)),
         "swiglu bf16": (fused_gemm.swiglu(h, w13), fused_gemm.swiglu_reference(h, w13)),
+        # 40 = 2.5 column tiles: the last tile's columns past w1's rows are w3's, and must not be stored
+        "swiglu bf16, a partial tile": (fused_gemm.swiglu(h, w13_odd), fused_gemm.swiglu_reference(h, w13_odd)),
         "plain bf16": (fused_gemm.gemm(h, None, w, None, dict(small, BN=16)), torch.nn.functional.linear(h, w)),
     }
     errors = {name: (rel_l2(got, want), 0.02) for name, (got, want) in cases.items()}
@@ -65,23 +55,13 @@ def check_kernels() -> dict:
 
 
 def check_schedule() -> dict:
-    from zimage import fastblocks, fused_gemm
+    from zimage import fused_gemm
 
     calls = []
     for name in ("qkv_norm_rope", "swiglu"):  # count the fused calls: the schedule must take them, not the old path
         original = getattr(fused_gemm, name)
         setattr(fused_gemm, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
-    errors = {}
-    for quantize in (False, True):
-        model = prepared(quantize)
-        for stack in ("layers", "context_refiner"):
-            args = block_inputs(model, *inputs(BF16), stack=stack)
-            hidden, freqs, adaln = args[0], args[2], args[3] if len(args) > 3 else None
-            reference = diffusers_blocks(model, hidden, freqs, adaln, stack)
-            with torch.no_grad():
-                got = fastblocks.Schedule(allow_cpu=True, fused_gemms=True).run(getattr(model, stack), hidden, freqs,
-                                                                                 adaln)
-            errors[f"{stack} fp8={quantize}"] = (rel_l2(got, reference), 0.03 if not quantize else 0.2)
+    errors = test_fastblocks.check_schedule(fused_gemms=True)
     blocks = len(prepared(False).layers) + len(prepared(False).context_refiner)
     # bf16: both epilogues in every block; fp8: the q/k one only (w2's e4m3 input needs whole-row scales)
     errors["fused calls"] = (abs(calls.count("qkv_norm_rope") - 2 * blocks) + abs(calls.count("swiglu") - blocks), 0)
@@ -91,7 +71,7 @@ def check_schedule() -> dict:
 @needs_triton
 @pytest.mark.parametrize("check", ["check_kernels", "check_schedule"])
 def test_fused_gemms_interpreted(check):
-    errors = interpreted(check)
+    errors = interpreted(check, __file__)
     assert errors
     for name, (error, bound) in errors.items():
         assert error <= bound, (name, error, bound)

@@ -42,14 +42,15 @@ _PLAIN, _SWIGLU, _QK = 0, 1, 2
 
 @functools.lru_cache(maxsize=8)
 def available(device: torch.device) -> bool:
-    """The fused GEMMs can run on `device`: CUDA with Triton's tensor descriptors, compute capability >= 9.0 (TMA)."""
+    """The fused GEMMs can run on `device`: CUDA with Triton's tensor descriptors, compute capability 9.x-11.x (TMA and
+    the ~228 KB of shared memory the tiles take; sm_120 cards have ~100 KB)."""
     if not kernels.available(device):
         return False
     try:
         _triton()
     except ImportError:
         return False
-    return torch.cuda.get_device_capability(device) >= (9, 0)
+    return (9, 0) <= torch.cuda.get_device_capability(device) < (12, 0)
 
 
 def qkv_norm_rope(h: torch.Tensor, h_scale: "torch.Tensor | None", weight: torch.Tensor,
@@ -143,7 +144,10 @@ def _triton():
             a, b = a_desc.load([off_m, k]), b_desc.load([off_n, k])
             if UPCAST:  # Triton's CPU interpreter (3.9) multiplies bf16 dot operands wrongly; never on a GPU
                 a, b = a.to(tl.float32), b.to(tl.float32)
-            acc = tl.dot(a, b.T, acc)
+            if SCALED:  # promote the e4m3 products into float32 every BK, as cuBLAS's _scaled_mm does by default
+                acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=BK)
+            else:
+                acc = tl.dot(a, b.T, acc)
             if EPILOGUE == 1:
                 b3 = b_desc.load([half + off_n, k])
                 if UPCAST:
@@ -162,7 +166,7 @@ def _triton():
             g = acc3.to(tl.bfloat16).to(tl.float32)
             y = y / (1.0 + tl.exp(-y)) * g
             tl.store(out_ptr + r[:, None].to(tl.int64) * N + (off_n + c)[None, :], y.to(out_ptr.dtype.element_ty),
-                     mask=rmask)
+                     mask=rmask & (off_n + c < N)[None, :])
         elif EPILOGUE == 2:
             part = off_n // dim  # 0 q, 1 k, 2 v; a tile is one head
             which = tl.minimum(part, 1).to(tl.float32)
