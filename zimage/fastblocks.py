@@ -18,12 +18,13 @@ one block fused into the first norm of the next, a block is eleven launches (ten
     x += tanh(gate_mlp) * RMSNorm(ffn); the next block's first norm -> e4m3      kernels.residual_norm
 
 The same schedule runs bf16 weights (the kernels then write bf16). With switch `fused_gemms` (fused_gemm.py, a
-Hopper GPU), the q/k norm + RoPE runs in the q/k/v GEMM's epilogue, and in bf16 the SwiGLU in the w1/w3 GEMM's. Nothing here is traced by Dynamo, so a restart
-does not trace the 30 main blocks; `cudagraph.GraphedBlocks` calls `Schedule.run` for the stack, and the whole step
-is captured as one CUDA graph by `cudagraph.GraphedTransformer` (switch `step_graphs`). Measured (H100, Standard,
-fp8, docs/PERFORMANCE.md 2026-11-25 second session): 74.7 -> 70.7 ms/step in one engine. Numerics: the blocks' math in float32 between bf16 (or e4m3) tensors, like
-the compiled code (tests/test_fastblocks.py compares it with diffusers' blocks on the CPU, through the kernels'
-PyTorch references).
+Hopper GPU), the q/k norm + RoPE runs in the q/k/v GEMM's epilogue, and in bf16 the SwiGLU in the w1/w3 GEMM's.
+Nothing here is traced by Dynamo, so a restart does not trace the 30 main blocks; `cudagraph.GraphedBlocks` calls
+`Schedule.run` for the stack, and the whole step is captured as one CUDA graph by `cudagraph.GraphedTransformer`
+(switch `step_graphs`). Measured (H100, Standard, fp8, docs/PERFORMANCE.md 2026-11-25 second session): 74.7 ->
+70.7 ms/step in one engine. Numerics: the blocks' math in float32 between bf16 (or e4m3) tensors, like the compiled
+code (tests/test_fastblocks.py compares it with diffusers' blocks on the CPU, through the kernels' PyTorch
+references).
 
 The refiners run on it too (`speed.apply_switches`): the image refiner's blocks are modulated like the main ones,
 the caption refiner's have no adaLN (no scale, no gate). `run` returns None where the schedule does not apply, and
