@@ -18,6 +18,22 @@ budget=${2:-540}
 left() { echo $((budget - (SECONDS - start))); }
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.limit --format=csv
 
+if [ "$mode" = split ]; then  # fifth session: which fused GEMM lost, and the VAE attention as GEMMs end to end
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit
+  export PYTHONPATH=/tmp/site
+  echo '{"best_config": {"qkv_gemm": null, "swiglu_gemm": {"num_stages": 4}}}' > /tmp/swiglu-only.json
+  run() {  # $1 name, then latency.py's arguments
+    name=$1; shift
+    timeout "$(left)" python3 bench/latency.py --model random-full --runs 10 --skip-flops --cache-dir /tmp/zc "$@" \
+      --out "$OUT/lat-$name.json" > "$OUT/lat-$name.log" 2>&1
+    echo "latency $name: rc=$? at $((SECONDS - start)) s"; grep -E '^\{' "$OUT/lat-$name.log" | cut -c1-900
+  }
+  run bf16-swiglu --shapes Standard:1:1 --variants compiled+native+fg --ab fg --kernel-config /tmp/swiglu-only.json
+  run fp8-vga --shapes Standard:1:1,High:1:1 --variants compiled+native+fp8+vga,compiled+native+fp8 --ab ""
+  exit
+fi
+
 if [ "$mode" = first ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit
@@ -54,7 +70,7 @@ except Exception:
 EOF
 )
 echo "vae attention as GEMMs: ${vga:-no}"
-fg=+fg ab=fg  # the GEMMs with epilogues, unless their kernel failed in bench/kernels.py
+fg=${FG-+fg} ab=${AB-fg}  # the GEMMs with epilogues, unless their kernel failed in bench/kernels.py
 python3 -c "import json, sys; sys.exit(any('error' in r for r in json.load(open('/tmp/gemm.json'))['kernels']))" \
   || { fg="" ab=""; echo "fused GEMMs failed in bench/kernels.py: not used"; }
 

@@ -530,7 +530,9 @@ def main(argv=None) -> int:
 
         config = json.loads(Path(args.kernel_config).read_text())
         for name, params in config.get("best_config", config).items():
-            (kernels.CONFIG if name in kernels.CONFIG else fused_gemm.CONFIG)[name].update(params)
+            table = kernels.CONFIG if name in kernels.CONFIG else fused_gemm.CONFIG
+            # None: that fused GEMM is not used (fused_gemm.enabled)
+            table[name] = None if params is None else {**(table.get(name) or {}), **params}
         print(f"kernel launch parameters: {kernels.CONFIG} {fused_gemm.CONFIG}", flush=True)
     out = Path(args.out)
     results, flops_cache, reference, services, profiles = [], {}, {}, [], []

@@ -55,7 +55,7 @@ def check_kernels() -> dict:
 
 
 def check_schedule() -> dict:
-    from zimage import fused_gemm
+    from zimage import fastblocks, fused_gemm
 
     calls = []
     for name in ("qkv_norm_rope", "swiglu"):  # count the fused calls: the schedule must take them, not the old path
@@ -65,6 +65,18 @@ def check_schedule() -> dict:
     blocks = len(prepared(False).layers) + len(prepared(False).context_refiner)
     # bf16: both epilogues in every block; fp8: the q/k one only (w2's e4m3 input needs whole-row scales)
     errors["fused calls"] = (abs(calls.count("qkv_norm_rope") - 2 * blocks) + abs(calls.count("swiglu") - blocks), 0)
+    # An entry set to None keeps that GEMM on cuBLAS + its row kernel (bench/latency.py --kernel-config): bf16 with
+    # the SwiGLU epilogue only.
+    fused_gemm.CONFIG["qkv_gemm"] = None
+    calls.clear()
+    model = prepared(False)
+    hidden, _, freqs = test_fastblocks.block_inputs(model, *test_fastblocks.inputs(BF16), stack="context_refiner")[:3]
+    reference = test_fastblocks.diffusers_blocks(model, hidden, freqs, None, "context_refiner")
+    with torch.no_grad():
+        got = fastblocks.Schedule(allow_cpu=True, fused_gemms=True).run(model.context_refiner, hidden, freqs, None)
+    errors["SwiGLU epilogue only"] = (rel_l2(got, reference), 0.03)
+    errors["SwiGLU epilogue only: calls"] = (
+        calls.count("qkv_norm_rope") + abs(calls.count("swiglu") - len(model.context_refiner)), 0)
     return errors
 
 

@@ -165,6 +165,8 @@ def run_blocks(blocks: list[_Block], x: torch.Tensor, freqs: torch.Tensor, adaln
     def part(mod, k):  # k-th of the four (B, dim) modulation vectors
         return None if mod is None else mod[:, k * dim:(k + 1) * dim]
 
+    qkv_epilogue = fused_gemms and fused_gemm.enabled("qkv_gemm_fp8" if quant else "qkv_gemm")
+    swiglu_epilogue = fused_gemms and not quant and fused_gemm.enabled("swiglu_gemm")
     first = blocks[0]
     _, h, h_scale = kernels.residual_norm(x, seq, first.eps, weight=first.norms[0], scale=part(mods[0], 0),
                                           quant=quant)
@@ -172,7 +174,7 @@ def run_blocks(blocks: list[_Block], x: torch.Tensor, freqs: torch.Tensor, adaln
         mod = mods[i]
         norm1, norm2, ffn_norm1, ffn_norm2, q_weight, k_weight = b.norms
         shape = (batch, seq, b.heads, dim // b.heads)
-        if fused_gemms:
+        if qkv_epilogue:
             q, k, v = (t.view(shape) for t in fused_gemm.qkv_norm_rope(
                 h, h_scale, b.qkv.weight, b.qkv.weight_scale if quant else None, q_weight, k_weight, freqs,
                 b.heads, b.qk_eps))
@@ -188,7 +190,7 @@ def run_blocks(blocks: list[_Block], x: torch.Tensor, freqs: torch.Tensor, adaln
         attn = b.gemm(b.out, o, o_scale)
         x, h, h_scale = kernels.residual_norm(x, seq, b.eps, branch=attn, branch_weight=norm2, gate=part(mod, 1),
                                               weight=ffn_norm1, scale=part(mod, 2), quant=quant)
-        if fused_gemms and not quant:
+        if swiglu_epilogue:
             g, g_scale = fused_gemm.swiglu(h, b.w13.weight), None
         else:
             g, g_scale = kernels.swiglu(b.gemm(b.w13, h, h_scale), quant=quant)

@@ -40,6 +40,12 @@ CONFIG = {
 _PLAIN, _SWIGLU, _QK = 0, 1, 2
 
 
+def enabled(name: str) -> bool:
+    """Whether GEMM `name` (a CONFIG key) runs fused; an entry set to None keeps cuBLAS + the row kernel for it (to
+    time one fused GEMM without the other: bench/latency.py --kernel-config)."""
+    return CONFIG.get(name) is not None
+
+
 @functools.lru_cache(maxsize=8)
 def available(device: torch.device) -> bool:
     """The fused GEMMs can run on `device`: CUDA with Triton's tensor descriptors, compute capability 9.x-11.x (TMA and
