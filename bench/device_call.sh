@@ -8,7 +8,11 @@
 #       the VAE attention as GEMMs against SDPA (bench/attention.py --vae); Standard 1024², fp8, SDPA attention,
 #       fused_gemms on with the same engine off (--ab fg), the VAE attention as GEMMs where it was faster.
 #   call 2, right after, carry .whl-fa4b: bash bench/device_call.sh fa4 540
-#       flash-attn-4 reassembled and installed beside call 1's wheels; fp8 and bf16 with FA4, --ab fg again.
+#       flash-attn-4 reassembled and installed beside call 1's wheels; fp8 and bf16 with FA4, --ab fg again
+#       (FG= AB= in the environment leaves the fused GEMMs out).
+#   fifth session's call (still to run), carry .whl:  bash bench/device_call.sh split 420
+#       bf16 with the SwiGLU epilogue alone (the q/k/v one off through --kernel-config) against none, in one engine;
+#       fp8 with the VAE attention as GEMMs and without, Standard and High (two engines).
 # Writes under $OUT (a call brings back 8 files).
 OUT=${OUT:?set OUT to a folder for the results}
 export PYTHONUNBUFFERED=1

@@ -39,7 +39,7 @@ class Switches:
     vae_split_norm  the compiled decoder's GroupNorms with two-step statistics (groupnorm.py); with vae_compile
     vae_gemm_attention  the decoder's mid-block attention (one head of 512, which flash/cuDNN SDPA cannot take) as
                 two GEMMs and a float32 softmax (vae_attention.py) instead of SDPA's memory-efficient kernel; with
-                vae_compile
+                vae_compile. Off until an end-to-end A/B: the kernel alone 4.5 -> 2.4 ms at Standard (H100, 2026-12-07)
     fused_projections  q/k/v and w1/w3 as one GEMM each over a shared weight (fusion.py); a transformer that
                 stays resident (not the streamed 12gb profile)
     block_kernels  the main blocks and both refiners scheduled by hand on Triton kernels + the GEMMs, without
@@ -53,7 +53,9 @@ class Switches:
                 instead of bf16 SDPA/FA4; with block_kernels, fp8 or bf16 weights alike. Off: slower than cuDNN's bf16
                 attention on the H100 (2026-12-07: fp8 0.5785 -> 0.6096 s, bf16 0.8185 -> 0.8357 s in one engine)
     fused_gemms the q/k norm + RoPE in the q/k/v GEMM's epilogue and (bf16) the SwiGLU in the w1/w3 GEMM's
-                (fused_gemm.py, Triton GEMMs on TMA); with block_kernels, a GPU of compute capability >= 9.0
+                (fused_gemm.py, Triton GEMMs on TMA); with block_kernels, a GPU of compute capability >= 9.0. Off:
+                slower end to end on the H100 (2026-12-07, Triton 3.6: fp8 0.591 -> 0.621 s, bf16 0.817 -> 0.841 s
+                in one engine); Triton's GEMM ran 17 % under cuBLAS's
     2026-11-25, second session (fp8, Standard): block_kernels on (74.7 -> 70.7 ms/step in one engine), step_graphs
     on (0.627 -> 0.611 s in one engine; GPU idle 3.2 -> 1.5 ms/step).
     Defaults (measured, H100 2026-11-24, bf16): real_rope on (-3.2 ms/step), vae_compile on (decode 108 -> 45 ms),
