@@ -26,7 +26,7 @@ if [ "$mode" = split ]; then  # fifth session: which fused GEMM lost, and the VA
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit
   export PYTHONPATH=/tmp/site
-  echo '{"best_config": {"qkv_gemm": null, "swiglu_gemm": {"num_stages": 4}}}' > /tmp/swiglu-only.json
+  echo '{"use": {"qkv_gemm": false, "swiglu_gemm": true}}' > /tmp/swiglu-only.json
   run() {  # $1 name, then latency.py's arguments
     name=$1; shift
     timeout "$(left)" python3 bench/latency.py --model random-full --runs 10 --skip-flops --cache-dir /tmp/zc "$@" \

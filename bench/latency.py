@@ -530,10 +530,9 @@ def main(argv=None) -> int:
 
         config = json.loads(Path(args.kernel_config).read_text())
         for name, params in config.get("best_config", config).items():
-            table = kernels.CONFIG if name in kernels.CONFIG else fused_gemm.CONFIG
-            # None: that fused GEMM is not used (fused_gemm.enabled)
-            table[name] = None if params is None else {**(table.get(name) or {}), **params}
-        print(f"kernel launch parameters: {kernels.CONFIG} {fused_gemm.CONFIG}", flush=True)
+            (kernels.CONFIG if name in kernels.CONFIG else fused_gemm.CONFIG)[name].update(params)
+        fused_gemm.USE.update(config.get("use", {}))  # which GEMMs run fused under fused_gemms
+        print(f"kernel launch parameters: {kernels.CONFIG} {fused_gemm.CONFIG}; fused: {fused_gemm.USE}", flush=True)
     out = Path(args.out)
     results, flops_cache, reference, services, profiles = [], {}, {}, [], []
     for spec in args.variants.split(","):

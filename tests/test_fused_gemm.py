@@ -57,6 +57,7 @@ def check_kernels() -> dict:
 def check_schedule() -> dict:
     from zimage import fastblocks, fused_gemm
 
+    fused_gemm.USE.update(dict.fromkeys(fused_gemm.USE, True))  # every epilogue, whatever the measured default
     calls = []
     for name in ("qkv_norm_rope", "swiglu"):  # count the fused calls: the schedule must take them, not the old path
         original = getattr(fused_gemm, name)
@@ -65,9 +66,8 @@ def check_schedule() -> dict:
     blocks = len(prepared(False).layers) + len(prepared(False).context_refiner)
     # bf16: both epilogues in every block; fp8: the q/k one only (w2's e4m3 input needs whole-row scales)
     errors["fused calls"] = (abs(calls.count("qkv_norm_rope") - 2 * blocks) + abs(calls.count("swiglu") - blocks), 0)
-    # An entry set to None keeps that GEMM on cuBLAS + its row kernel (bench/latency.py --kernel-config): bf16 with
-    # the SwiGLU epilogue only.
-    fused_gemm.CONFIG["qkv_gemm"] = None
+    # A GEMM left out of fused_gemm.USE keeps cuBLAS + its row kernel: bf16 with the SwiGLU epilogue only.
+    fused_gemm.USE["qkv_gemm"] = False
     calls.clear()
     model = prepared(False)
     hidden, _, freqs = test_fastblocks.block_inputs(model, *test_fastblocks.inputs(BF16), stack="context_refiner")[:3]
@@ -92,8 +92,12 @@ def test_fused_gemms_interpreted(check):
 def test_the_switch_reaches_the_schedule():
     from zimage import speed
 
-    assert not speed.Switches().fused_gemms  # off until measured on a GPU
-    assert speed.Switches.parse("+fused_gemms").fused_gemms
+    from zimage import fused_gemm
+
+    # On, for the GEMM measured faster end to end (H100, 2026-12-07): the SwiGLU one; not the q/k/v ones.
+    assert speed.Switches().fused_gemms
+    assert not speed.Switches.parse("-fused_gemms").fused_gemms
+    assert [name for name in fused_gemm.CONFIG if fused_gemm.enabled(name)] == ["swiglu_gemm"]
 
 
 if __name__ == "__main__":  # interpreted(): one check in this process, its errors as the last line of stdout

@@ -29,21 +29,26 @@ import torch
 
 from . import fp8, kernels
 
-# Launch parameters: bench/kernels.py --sweep times the alternatives on the device and writes the fastest;
-# bench/latency.py --kernel-config loads them. QKV's tile is one head wide (BN = head size).
+# Launch parameters: bench/kernels.py --sweep times the alternatives on the device and writes the fastest (H100,
+# Triton 3.6, 2026-12-07); bench/latency.py --kernel-config loads them. QKV's tile is one head wide (BN = head size).
 CONFIG = {
-    "qkv_gemm": {"BM": 128, "BK": 64, "GROUP_M": 8, "num_stages": 4, "num_warps": 8},
+    "qkv_gemm": {"BM": 256, "BK": 64, "GROUP_M": 8, "num_stages": 4, "num_warps": 8},
     "qkv_gemm_fp8": {"BM": 128, "BK": 128, "GROUP_M": 8, "num_stages": 4, "num_warps": 8},
-    "swiglu_gemm": {"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8, "num_stages": 3, "num_warps": 8},
+    "swiglu_gemm": {"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8, "num_stages": 4, "num_warps": 8},
 }
+
+# Which GEMMs run fused under switch `fused_gemms` (measured end to end, H100, Triton 3.6, 2026-12-07, one engine):
+# the SwiGLU one, bf16 97.0 -> 96.3 ms/step with latents bit-identical to cuBLAS + the row kernel; not the q/k/v ones,
+# whose Triton GEMM runs under cuBLAS's by more than the q/k kernel it saves (fp8 68.5 -> 72.5 ms/step with both).
+# bench/latency.py --kernel-config sets an entry with "use": {name: true/false}.
+USE = {"qkv_gemm": False, "qkv_gemm_fp8": False, "swiglu_gemm": True}
 
 _PLAIN, _SWIGLU, _QK = 0, 1, 2
 
 
 def enabled(name: str) -> bool:
-    """Whether GEMM `name` (a CONFIG key) runs fused; an entry set to None keeps cuBLAS + the row kernel for it (to
-    time one fused GEMM without the other: bench/latency.py --kernel-config)."""
-    return CONFIG.get(name) is not None
+    """Whether GEMM `name` (a CONFIG key) runs fused when the schedule asks for fused GEMMs (USE)."""
+    return USE.get(name, False)
 
 
 @functools.lru_cache(maxsize=8)

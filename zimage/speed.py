@@ -53,9 +53,10 @@ class Switches:
                 instead of bf16 SDPA/FA4; with block_kernels, fp8 or bf16 weights alike. Off: slower than cuDNN's bf16
                 attention on the H100 (2026-12-07: fp8 0.5785 -> 0.6096 s, bf16 0.8185 -> 0.8357 s in one engine)
     fused_gemms the q/k norm + RoPE in the q/k/v GEMM's epilogue and (bf16) the SwiGLU in the w1/w3 GEMM's
-                (fused_gemm.py, Triton GEMMs on TMA); with block_kernels, a GPU of compute capability >= 9.0. Off:
-                slower end to end on the H100 (2026-12-07, Triton 3.6: fp8 0.591 -> 0.621 s, bf16 0.817 -> 0.841 s
-                in one engine); Triton's GEMM ran 17 % under cuBLAS's
+                (fused_gemm.py, Triton GEMMs on TMA); with block_kernels, a GPU of compute capability >= 9.0. On, for
+                the SwiGLU GEMM only (fused_gemm.USE): bf16 97.0 -> 96.3 ms/step, bit-identical latents; the q/k/v
+                ones lost end to end (H100, Triton 3.6, 2026-12-07: both on, fp8 0.591 -> 0.621 s, bf16 0.817 ->
+                0.841 s in one engine; Triton's plain GEMM 17 % under cuBLAS's). fp8 runs no fused GEMM
     2026-11-25, second session (fp8, Standard): block_kernels on (74.7 -> 70.7 ms/step in one engine), step_graphs
     on (0.627 -> 0.611 s in one engine; GPU idle 3.2 -> 1.5 ms/step).
     Defaults (measured, H100 2026-11-24, bf16): real_rope on (-3.2 ms/step), vae_compile on (decode 108 -> 45 ms),
@@ -88,7 +89,7 @@ class Switches:
     # Off until measured on a GPU (written 2026-12-07, fourth session; CPU: Triton's interpreter). Predicted (H100,
     # Standard): bf16 -~37 ms a generation if the Triton GEMMs run at cuBLAS's rate (the SwiGLU kernel's 89 µs and
     # the q/k kernel's 49 µs a block gone; break-even at ~9 % slower GEMMs); fp8 the q/k kernel only, ~-13 ms.
-    fused_gemms: bool = False
+    fused_gemms: bool = True
     # Off until measured on a GPU. Predicted (H100, Standard): the decoder's attention 4.6 -> ~2-2.6 ms of the 35 ms
     # decode (bench/attention.py --vae).
     vae_gemm_attention: bool = False
