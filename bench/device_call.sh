@@ -21,11 +21,13 @@ start=$SECONDS
 budget=${2:-540}
 left() { echo $((budget - (SECONDS - start))); }
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.limit --format=csv
+install_bench_wheels() {  # .whl (diffusers, torchao, ...) into /tmp/site, on the path
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+}
 
 if [ "$mode" = split ]; then  # fifth session: which fused GEMM lost, and the VAE attention as GEMMs end to end
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || exit
-  export PYTHONPATH=/tmp/site
+  install_bench_wheels || exit
   echo '{"use": {"qkv_gemm": false, "swiglu_gemm": true}}' > /tmp/swiglu-only.json
   run() {  # $1 name, then latency.py's arguments
     name=$1; shift
@@ -39,10 +41,8 @@ if [ "$mode" = split ]; then  # fifth session: which fused GEMM lost, and the VA
 fi
 
 if [ "$mode" = first ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || exit
+  install_bench_wheels || exit
   mkdir -p /tmp/fa4 && cp .whl-fa4a/* /tmp/fa4/
-  export PYTHONPATH=/tmp/site
   python3 -c "import triton, torch; print('triton', triton.__version__, 'torch', torch.__version__)"
   timeout 110 python3 bench/kernels.py --gemms-only --sweep --out "$OUT/gemm.json" > "$OUT/gemm.log" 2>&1
   echo "gemms: rc=$? at $((SECONDS - start)) s"; grep -v '^{' "$OUT/gemm.log" | tail -12

@@ -118,13 +118,14 @@ def interpreted(check: str, script: str = __file__) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def check_schedule(fused_gemms: bool = False) -> dict:
+def check_schedule(fused_gemms: bool = False, modes=(False, True), stacks=("layers", "context_refiner")) -> dict:
     """The interpreter rounds to bf16 and e4m3 by truncation, not to nearest, so the bounds are wider than above; a
-    wrong index or formula is off by ~1. `fused_gemms`: with the GEMMs' epilogues (tests/test_fused_gemm.py)."""
+    wrong index or formula is off by ~1. `fused_gemms`: with the GEMMs' epilogues (tests/test_fused_gemm.py);
+    `modes`: fp8 off and/or on."""
     errors = {}
-    for quantize in (False, True):
+    for quantize in modes:
         model = prepared(quantize)
-        for stack in ("layers", "context_refiner"):
+        for stack in stacks:
             args = block_inputs(model, *inputs(BF16), stack=stack)
             hidden, freqs, adaln = args[0], args[2], args[3] if len(args) > 3 else None
             reference = diffusers_blocks(model, hidden, freqs, adaln, stack)

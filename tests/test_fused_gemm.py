@@ -55,7 +55,7 @@ def check_kernels() -> dict:
 
 
 def check_schedule() -> dict:
-    from zimage import fastblocks, fused_gemm
+    from zimage import fused_gemm
 
     fused_gemm.USE.update(dict.fromkeys(fused_gemm.USE, True))  # every epilogue, whatever the measured default
     calls = []
@@ -69,14 +69,10 @@ def check_schedule() -> dict:
     # A GEMM left out of fused_gemm.USE keeps cuBLAS + its row kernel: bf16 with the SwiGLU epilogue only.
     fused_gemm.USE["qkv_gemm"] = False
     calls.clear()
-    model = prepared(False)
-    hidden, _, freqs = test_fastblocks.block_inputs(model, *test_fastblocks.inputs(BF16), stack="context_refiner")[:3]
-    reference = test_fastblocks.diffusers_blocks(model, hidden, freqs, None, "context_refiner")
-    with torch.no_grad():
-        got = fastblocks.Schedule(allow_cpu=True, fused_gemms=True).run(model.context_refiner, hidden, freqs, None)
-    errors["SwiGLU epilogue only"] = (rel_l2(got, reference), 0.03)
+    only = test_fastblocks.check_schedule(fused_gemms=True, modes=(False,), stacks=("context_refiner",))
+    errors["SwiGLU epilogue only"] = only["context_refiner fp8=False"]
     errors["SwiGLU epilogue only: calls"] = (
-        calls.count("qkv_norm_rope") + abs(calls.count("swiglu") - len(model.context_refiner)), 0)
+        calls.count("qkv_norm_rope") + abs(calls.count("swiglu") - len(prepared(False).context_refiner)), 0)
     return errors
 
 
@@ -90,9 +86,7 @@ def test_fused_gemms_interpreted(check):
 
 
 def test_the_switch_reaches_the_schedule():
-    from zimage import speed
-
-    from zimage import fused_gemm
+    from zimage import fused_gemm, speed
 
     # On, for the GEMM measured faster end to end (H100, 2026-12-07): the SwiGLU one; not the q/k/v ones.
     assert speed.Switches().fused_gemms
