@@ -1,22 +1,14 @@
 #!/usr/bin/env bash
-# The device calls for issue 19 (2026-12-07, fourth session): two back-to-back calls on one warm machine, most
-# important first under one deadline; the first stands alone if the second never comes. Run on the device from the
-# repository root. flash-attn-4's 92 MB wheel is split in three (36 MB parts; ../shared/gpu/fetch-wheels.sh fa4,
-# re-split): .whl-fa4a holds the small wheels and part-aa, .whl-fa4b part-ab, part-ac and NAME.
-#   call 1, carry .whl and .whl-fa4a:   bash bench/device_call.sh first 420
-#       the GEMMs with epilogues against cuBLAS + the row kernels, with a tile sweep (bench/kernels.py --gemms-only);
-#       the VAE attention as GEMMs against SDPA (bench/attention.py --vae); Standard 1024², fp8, SDPA attention,
-#       fused_gemms on with the same engine off (--ab fg), the VAE attention as GEMMs where it was faster.
-#   call 2, right after, carry .whl-fa4b: bash bench/device_call.sh fa4 540
-#       flash-attn-4 reassembled and installed beside call 1's wheels; fp8 and bf16 with FA4, --ab fg again
-#       (FG= AB= in the environment leaves the fused GEMMs out).
-#   fifth session's call (still to run), carry .whl:  bash bench/device_call.sh split 420
-#       bf16 with the SwiGLU epilogue alone (the q/k/v one off through --kernel-config) against none, in one engine;
-#       fp8 with the VAE attention as GEMMs and without, Standard and High (two engines).
-# Writes under $OUT (a call brings back 8 files).
+# The device calls for issue 19. Run on the device from the repository root; writes under $OUT (8 files come back).
+# Sixth session of 2026-12-07, carry .whl:
+#   bash bench/device_call.sh overlap 540
+#       Standard 1024², median of 10, the stages overlapped or not in one engine, runs alternating (--ab os), with the
+#       host syncs of one generation listed (--sync-debug): fp8 with the VAE attention as GEMMs (vga), bf16 with it,
+#       then fp8 and bf16 without it (vga's A/B across two engines of the same machine).
+# Fifth session (carry .whl, .whl-fa4a, then .whl-fa4b):  first 420 / fa4 540 / split 420 (docs/PERFORMANCE.md).
 OUT=${OUT:?set OUT to a folder for the results}
 export PYTHONUNBUFFERED=1
-mode=${1:?first or fa4}
+mode=${1:?overlap, first, fa4 or split}
 start=$SECONDS
 budget=${2:-540}
 left() { echo $((budget - (SECONDS - start))); }
@@ -25,6 +17,21 @@ install_bench_wheels() {  # .whl (diffusers, torchao, ...) into /tmp/site, on th
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
 }
+
+if [ "$mode" = overlap ]; then  # sixth session: the stages overlapped; the VAE attention as GEMMs end to end
+  install_bench_wheels || exit
+  run() {  # $1 name, then latency.py's arguments
+    name=$1; shift
+    timeout "$(left)" python3 bench/latency.py --model random-full --runs 10 --skip-flops --cache-dir /tmp/zc \
+      --shapes Standard:1:1 "$@" --out "$OUT/lat-$name.json" > "$OUT/lat-$name.log" 2>&1
+    echo "latency $name: rc=$? at $((SECONDS - start)) s"; grep -E '^\{' "$OUT/lat-$name.log" | cut -c1-1500
+  }
+  run fp8-vga --variants compiled+native+fp8+vga --ab os --sync-debug
+  run bf16-vga --variants compiled+native+vga --ab os
+  [ "$(left)" -gt 120 ] && run fp8 --variants compiled+native+fp8 --ab os
+  [ "$(left)" -gt 130 ] && run bf16 --variants compiled+native --ab os
+  exit
+fi
 
 if [ "$mode" = split ]; then  # fifth session: which fused GEMM lost, and the VAE attention as GEMMs end to end
   install_bench_wheels || exit

@@ -61,7 +61,7 @@ ATTENTION = {"native": "native", "cudnn": "_native_cudnn", "flash": "_native_fla
 SWITCH_TOKENS = {"rope": "real_rope", "vaec": "vae_compile", "cg": "block_graphs", "encg": "encoder_graphs",
                  "gn": "vae_split_norm", "fuse": "fused_projections", "kern": "fused_kernels",
                  "bk": "block_kernels", "sg": "step_graphs", "dg": "decode_graphs", "fa8": "fp8_attention",
-                 "fg": "fused_gemms", "vga": "vae_gemm_attention"}
+                 "fg": "fused_gemms", "vga": "vae_gemm_attention", "os": "overlap_stages"}
 
 
 def parse_variant(spec: str) -> dict:
@@ -146,6 +146,30 @@ def timed_runs(engine: Engine, v: dict, tier: str, aspect: str, runs: int) -> tu
     return walls, rows
 
 
+def overlap_ab(engine: Engine, v: dict, tier: str, aspect: str, runs: int) -> dict:
+    """The same engine with the stages overlapped and not (stages.StageClock), `runs` each, alternating so that the
+    GPU's clock drift over the runs falls on both sides alike: wall and stage medians per side."""
+    sides = {True: ([], []), False: ([], [])}
+    overlap = engine.stages.overlap
+    try:
+        for _ in range(runs):
+            for side in (overlap, not overlap):
+                engine.stages.overlap = side
+                walls, rows = timed_runs(engine, v, tier, aspect, 1)
+                sides[side][0].extend(walls)
+                sides[side][1].extend(rows)
+    finally:
+        engine.stages.overlap = overlap
+    report = {}
+    for side, (walls, rows) in sides.items():
+        report["on" if side else "off"] = {
+            **{k: round(x, 4) for k, x in summarize(walls).items()},
+            **{f"{stage}_s": round(statistics.median(r.timings[stage] for r in rows), 4)
+               for stage in ("text_encode", "denoise", "decode", "total")}}
+    report["delta_ms"] = round(1000 * (report["on"]["median"] - report["off"]["median"]), 2)
+    return report
+
+
 def host_syncs(engine: Engine, request: GenerationRequest) -> list[dict]:
     """Where one generation makes the host wait for the GPU: torch's sync debug mode warns at every synchronizing
     call; each is reported once with its count and the innermost project/diffusers frames that made it."""
@@ -203,7 +227,7 @@ def count_flops(engine: Engine, request: GenerationRequest) -> dict:
 
 
 SCHEDULE_TOGGLES = {"fa8": "fp8_attention", "fg": "fused_gemms"}  # --ab tokens that flip a fastblocks.Schedule switch
-AB_TOKENS = ("dg", "cg", "sg", "bk", *SCHEDULE_TOGGLES)
+AB_TOKENS = ("dg", "cg", "sg", "bk", "os", *SCHEDULE_TOGGLES)
 
 
 def ab_tokens(text: str) -> set[str]:
@@ -253,6 +277,9 @@ def run_variant(args, spec: str, flops_cache: dict, reference: dict, results: li
             nodg = {k: round(x, 4) for k, x in summarize(nodg_walls).items()}
             nodg["decode_s"] = round(statistics.median(r.timings["decode"] for r in nodg_rows), 4)
             nodg["engine_total_s"] = round(statistics.median(r.timings["total"] for r in nodg_rows), 4)
+        noos = None
+        if "os" in args.ab and engine.stages is not None:  # os: the stages' overlap the other way, runs alternating
+            noos = overlap_ab(engine, v, tier, aspect, args.runs)
         nocg = None
         if "cg" in args.ab and hasattr(graphed, "enabled") and graphed.enabled:  # cg: block graphs off
             graphed.enabled = False
@@ -361,6 +388,7 @@ def run_variant(args, spec: str, flops_cache: dict, reference: dict, results: li
             "floor_s_at_bf16_peak": round(flops / (BF16_PEAK_TFLOPS * 1e12), 4),
             "describe": engine.describe(), "compile_stats": compiled_stats, "e2e_s_graphs_off": nocg,
             "e2e_s_block_kernels_off": nobk, "e2e_s_step_graphs_off": nosg, "e2e_s_decode_graphs_off": nodg,
+            "overlap_stages_ab": noos,
             **toggled,
             "host_syncs": syncs,
             "decode_graphs": ({"captures": decode_graphs.captures, "replays": decode_graphs.replays}
@@ -389,6 +417,8 @@ def run_variant(args, spec: str, flops_cache: dict, reference: dict, results: li
         summary = {k: entry[k] for k in ("variant", "shape", "e2e_s", "engine_total_s", "cleanup_s", "per_step_ms",
                                          "text_encode_s", "first_call_s", "first_task_call_s", "peak_vram_gib")}
         summary.update({k: v for k, v in entry.items() if k.startswith("e2e_s_") and v})  # the same engine's A/Bs
+        if noos:
+            summary["overlap_stages_ab"] = noos
         for key, ab in toggled.items():
             summary[key] = {k: v for k, v in ab.items() if k != "profile"}
         print(json.dumps(summary), flush=True)
@@ -511,7 +541,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-flops", action="store_true", help="do not count FLOPs (saves one eager generation)")
     ap.add_argument("--ab", default="dg,cg,sg,bk", type=ab_tokens,
                     help="the same-engine A/Bs to run, comma-separated (empty: none): dg decode graphs off, cg block "
-                         "graphs off, sg step graphs off, bk block kernels off, fg the GEMMs with epilogues and fa8 "
+                         "graphs off, sg step graphs off, bk block kernels off, os the stages' overlap (runs alternating), "
+                         "fg the GEMMs with epilogues and fa8 "
                          "the blocks' 8-bit attention"
                          "switched the other way (with its latents' rel-L2)")
     ap.add_argument("--sync-debug", action="store_true", help="also list where one generation waits for the GPU")

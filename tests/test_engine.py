@@ -8,6 +8,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.faults import raise_in_forward
 from zimage import memory
@@ -319,3 +320,43 @@ def test_outputs_written_after_close_are_not_lost(shared_engine, tmp_path):
     store.close()
     [path] = [future.result(timeout=60) for future in store.save(result)]
     assert path.is_file() and len((tmp_path / "outputs" / "history.jsonl").read_text().splitlines()) == 1
+
+
+class HostReads(TorchDispatchMode):
+    """Records the order of the model's matmuls and convolutions and of every op that reads tensor values on the
+    host (on a GPU each one makes the host wait for the device)."""
+
+    READS = {"aten::nonzero", "aten::_local_scalar_dense", "aten::is_nonzero", "aten::item", "aten::masked_select",
+             "aten::equal"}
+    WORK = {"aten::mm", "aten::addmm", "aten::bmm", "aten::convolution"}
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        bool_index = name == "aten::index" and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or []))
+        if name in self.READS or bool_index:
+            self.ops.append("read")
+        elif name in self.WORK:
+            self.ops.append("work")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("seeds", [1, 2])
+def test_no_host_read_between_the_first_and_the_last_model_op(shared_engine, seeds):
+    """The stages queue their work without waiting for each other (stages.StageClock): once the text encoder's
+    first matmul is issued, nothing reads a tensor value on the host (diffusers' mask indexing, the latents'
+    finiteness, the decoded pixels) until the last image's decode has been issued -- on a GPU each such read
+    would idle the device while the host catches up."""
+    request = GenerationRequest("a red circle", seed=5, n=seeds, **SMALL)
+    job = shared_engine.resolve(request)
+    recorder = HostReads()
+    with recorder:
+        result = shared_engine.generate(job)
+    first, last = recorder.ops.index("work"), len(recorder.ops) - 1 - recorder.ops[::-1].index("work")
+    assert "read" not in recorder.ops[first:last], recorder.ops[first:last].count("read")
+    assert recorder.ops[last + 1:].count("read") >= 2 * seeds  # each image's flags are read, after the stages
+    assert len(result.images) == seeds and set(result.timings) >= {"text_encode", "denoise", "decode", "total"}

@@ -228,7 +228,7 @@ def test_decode_graphs_fall_back_off_the_gpu_and_pixels_match_diffusers(shared_e
         assert cudagraph.decode_graphs(pipe.vae) is graphed
         latents = torch.randn(1, pipe.vae.config.latent_channels, 32, 32, generator=torch.Generator().manual_seed(3))
         assert graphed(latents) is None and graphed.captures == 0 and not graphed.graphs
-        image = shared_engine.stages.decode(latents, tiled=False)
+        image = shared_engine.stages.to_image(*shared_engine.stages.decode(latents, tiled=False))
         with torch.no_grad():
             scaled = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
             decoded = pipe.vae.decode(scaled, return_dict=False)[0]

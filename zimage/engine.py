@@ -244,6 +244,9 @@ class Engine:
                 self.speed_switches.insert(0, "fused_projections")
             self.stages = Stages(pipe, self.placement, self.device, self.settings.embed_cache, self._note_oom,
                                  self.stats)
+            self.stages.overlap = speed.switches().overlap_stages
+            if self.stages.overlap and self.device.startswith("cuda"):
+                self.speed_switches.append("overlap_stages")
             phase("loras, compile set-up")
         except Exception as exc:
             self.mark_failed(str(exc))

@@ -52,6 +52,9 @@ class Switches:
     fp8_attention  the blocks' attention on 8-bit operands (int8 QK^T, e4m3 PV; fp8_attention.py, a Triton kernel)
                 instead of bf16 SDPA/FA4; with block_kernels, fp8 or bf16 weights alike. Off: slower than cuDNN's bf16
                 attention on the H100 (2026-12-07: fp8 0.5785 -> 0.6096 s, bf16 0.8185 -> 0.8357 s in one engine)
+    overlap_stages  the stages (text encode, denoise, decode) queued without a host wait between them, timed by CUDA
+                events, the pixels copied back once at the end (stages.StageClock); the text encoder's padding cut
+                by a length the host knows instead of a device-side mask index (stages.encode_prompt)
     fused_gemms the q/k norm + RoPE in the q/k/v GEMM's epilogue and (bf16) the SwiGLU in the w1/w3 GEMM's
                 (fused_gemm.py, Triton GEMMs on TMA); with block_kernels, a GPU of compute capability >= 9.0. On, for
                 the SwiGLU GEMM only (fused_gemm.USE): bf16 97.0 -> 96.3 ms/step, bit-identical latents; the q/k/v
@@ -93,6 +96,10 @@ class Switches:
     # Off until measured on a GPU. Predicted (H100, Standard): the decoder's attention 4.6 -> ~2-2.6 ms of the 35 ms
     # decode (bench/attention.py --vae).
     vae_gemm_attention: bool = False
+    # Predicted (H100, Standard): -3 to -6 ms a generation, fp8 and bf16 alike: the ~13 ms of host-only time around
+    # the stages (2026-12-07 profile: text encode 4.3, denoise 2.7, decode 4.5 ms of wall beyond the GPU's busy time)
+    # partly hidden behind the previous stage's kernels.
+    overlap_stages: bool = True
     precompile: bool = True  # predicted: fp8 restart 66.8 -> <= 40 s (CPU tiny: first warm-up shape 6.2 -> 0.9 s)
 
     @classmethod

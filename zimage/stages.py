@@ -72,6 +72,7 @@ class Stages:
         self.embed_cache_size = embed_cache_size
         self.report_oom = report_oom
         self.stats = stats  # the engine's EngineStats
+        self.overlap = True  # queue the stages without waiting between them (switch overlap_stages; StageClock)
         self._embed_cache: collections.OrderedDict[str, list[torch.Tensor]] = collections.OrderedDict()
         self.task_pipes = task_pipelines(pipe)
         for task_pipe in self.task_pipes.values():
@@ -82,54 +83,59 @@ class Stages:
         on_gpu = self.device.startswith("cuda")
         if on_gpu:
             torch.cuda.reset_peak_memory_stats(self.device)
-        timings = {"text_encode": 0.0, "denoise": 0.0, "decode": 0.0}
+        clock = StageClock(self.device, self.overlap)
         warnings, recoveries = list(job.warnings), []
         total_steps = job.denoise_steps * len(job.seeds)
         init = self.prepare(job)  # an edit's input tensor, once per job
         t_start = time.perf_counter()
 
-        def timed(stage: str, fn):
-            t0 = time.perf_counter()
-            out = fn()
-            self._sync()
-            timings[stage] += time.perf_counter() - t0
-            return out
-
         def check_cancel():
             if cancel.is_set():
                 raise GenerationCancelled("cancelled")
 
+        # Each image: the input image (strength 0), or (pixels, pixels finite, latents finite) still on their way
+        # to the host -- read once, after the last stage (see StageClock).
+        pending: list = []
         with torch.no_grad():
             check_cancel()
-            embeds = timed("text_encode", lambda: self._with_oom_retry(
+            embeds = clock.time("text_encode", lambda: self._with_oom_retry(
                 "text_encode", job, lambda: self.encode(job.prompt, job.prompt_tokens),
                 lambda: self.encode(job.prompt, job.prompt_tokens, shed=True), "text encoder on CPU", recoveries))
-            images, kept_latents = [], []
+            kept_latents = []
             for index, seed in enumerate(job.seeds):
                 check_cancel()
                 if job.task != "text-to-image" and job.denoise_steps == 0:  # strength 0: nothing to change
-                    images.append(job.init_image.copy())
+                    pending.append(job.init_image.copy())
                     continue
                 offset = index * job.denoise_steps
-                latents = timed("denoise", lambda: self._with_oom_retry(
+                latents = clock.time("denoise", lambda: self._with_oom_retry(
                     "denoise", job, lambda: self.denoise(job, embeds, seed, offset, total_steps, on_progress, cancel,
                                                          init=init),
                     lambda: self.denoise(job, embeds, seed, offset, total_steps, on_progress, cancel, shed=True,
                                          init=init),
                     "text encoder moved off the GPU", recoveries))
                 check_cancel()
-                if not bool(torch.isfinite(latents).all()):
-                    warnings.append(f"image {index + 1} (seed {seed}) has non-finite latents; it will look wrong")
+                latents_finite = to_host(torch.isfinite(latents).all())
                 if job.keep_latents:
                     kept_latents.append(latents.float().cpu())
                 tiled = self.placement.decode_tiled(job.vae_tiling, job.width, job.height)
-                images.append(timed("decode", lambda: self._with_oom_retry(
+                pixels, finite = clock.time("decode", lambda: self._with_oom_retry(
                     "decode", job, lambda: self.decode(latents, tiled=tiled),
-                    lambda: self.decode(latents, tiled=True), "tiled VAE decode", recoveries)))
-                if job.task == "inpaint":
-                    images[-1] = paste_back(images[-1], job.init_image, job.mask)
+                    lambda: self.decode(latents, tiled=True), "tiled VAE decode", recoveries))
+                pending.append((pixels, finite, latents_finite))
                 del latents
-        timings = {k: round(v, 4) for k, v in timings.items()}
+        timings = clock.finish()  # the one wait for the device
+        images = []
+        for index, (seed, item) in enumerate(zip(job.seeds, pending)):
+            if isinstance(item, PIL.Image.Image):
+                images.append(item)
+                continue
+            pixels, finite, latents_finite = item
+            if not bool(latents_finite):
+                warnings.append(f"image {index + 1} (seed {seed}) has non-finite latents; it will look wrong")
+            images.append(self.to_image(pixels, finite))
+            if job.task == "inpaint":
+                images[-1] = paste_back(images[-1], job.init_image, job.mask)
         timings["total"] = round(time.perf_counter() - t_start, 4)
         peak = torch.cuda.max_memory_allocated(self.device) if on_gpu else None
         warnings += [f"ran out of GPU memory in {r}; recovered" for r in recoveries]
@@ -150,8 +156,7 @@ class Stages:
         else:
             self.placement.before_encode()
         length = encode_length(n_tokens or count_prompt_tokens(self.pipe.tokenizer, prompt))
-        embeds, _ = self.pipe.encode_prompt(prompt, device=self.placement.text_encoder_device,
-                                            do_classifier_free_guidance=False, max_sequence_length=length)
+        embeds = encode_prompt(self.pipe, prompt, self.placement.text_encoder_device, length)
         embeds = [e.to(self.device) for e in embeds]
         if self.embed_cache_size > 0:
             self._embed_cache[prompt] = embeds
@@ -190,7 +195,9 @@ class Stages:
         pixels = torch.from_numpy(np.asarray(job.init_image.convert("RGB"), dtype=np.uint8).copy())
         return (pixels.permute(2, 0, 1)[None].to(torch.float32) / 255.0).contiguous()
 
-    def decode(self, latents: torch.Tensor, tiled: bool) -> PIL.Image.Image:
+    def decode(self, latents: torch.Tensor, tiled: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pixels (H, W, 3) uint8, an all-finite flag), queued for the host (`to_host`): `to_image` reads them
+        once the device has caught up."""
         vae = self.pipe.vae
         graphed = None if tiled else cudagraph.decode_graphs(vae)
         out = graphed(latents) if graphed is not None else None  # None: no graph applies; decode as usual
@@ -202,11 +209,14 @@ class Stages:
             finally:
                 if tiled:
                     vae.disable_tiling()
-        pixels, finite = out
+        # A graph's outputs are overwritten by its next replay; the copies are queued before it.
+        return to_host(out[0]), to_host(out[1])
+
+    def to_image(self, pixels: torch.Tensor, finite: torch.Tensor) -> PIL.Image.Image:
         if not bool(finite):
             log.warning("non-finite pixels decoded (shown as black)")
             self.stats.nonfinite_images += 1
-        return PIL.Image.fromarray(pixels.cpu().numpy())
+        return PIL.Image.fromarray(pixels.numpy())
 
     # ---- out of memory ---------------------------------------------------------------------------
     def _with_oom_retry(self, stage: str, job: Job, run, fallback, fallback_label: str, recoveries: list):
@@ -225,9 +235,78 @@ class Stages:
         recoveries.append(f"{stage} ({fallback_label})")
         return result
 
-    def _sync(self) -> None:
+
+
+class StageClock:
+    """Seconds per stage of one generation.
+
+    With `overlap` on a GPU (the switch `overlap_stages`), the host queues each stage's work behind the last one's
+    and goes on without waiting: the next stage's Python (the pipeline's set-up, its CPU noise) runs while the GPU
+    still works, and the GPU does not sit idle between stages. Each stage is timed by CUDA events around its work,
+    read after the one wait at the end (`finish`), so a stage's figure is the GPU's time from the host reaching it
+    to its last kernel. Otherwise (CPU, or overlap off): host time, the device synchronised after each stage."""
+
+    STAGES = ("text_encode", "denoise", "decode")
+
+    def __init__(self, device: str, overlap: bool):
+        self.device = device
+        self.events = overlap and device.startswith("cuda")
+        self.seconds = dict.fromkeys(self.STAGES, 0.0)
+        self.marks: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
+
+    def time(self, stage: str, fn):
+        if self.events:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn()
+            end.record()
+            self.marks.append((stage, start, end))
+            return out
+        t0 = time.perf_counter()
+        out = fn()
+        self.synchronize()
+        self.seconds[stage] += time.perf_counter() - t0
+        return out
+
+    def synchronize(self) -> None:
         if self.device.startswith("cuda"):
             torch.cuda.synchronize(self.device)
+
+    def finish(self) -> dict:
+        """Wait for the device; the stages' seconds, rounded to 0.1 ms."""
+        self.synchronize()
+        for stage, start, end in self.marks:
+            self.seconds[stage] += start.elapsed_time(end) / 1000
+        return {stage: round(seconds, 4) for stage, seconds in self.seconds.items()}
+
+
+def to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A device tensor's copy on the host, queued on the current stream (pinned memory, so the host does not wait
+    for it): read it after the stream has caught up. A host tensor as it is."""
+    if not tensor.is_cuda:
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor, non_blocking=True)
+
+
+def encode_prompt(pipe, prompt: str, device, max_sequence_length: int) -> list[torch.Tensor]:
+    """`ZImagePipeline.encode_prompt(prompt, do_classifier_free_guidance=False)` for one prompt, the same tensors
+    (tests/test_engine.py), without its host wait: diffusers drops the padding by indexing the hidden states with
+    the attention mask on the device, an `aten::nonzero` that makes the host wait for the whole encoder before it
+    can queue anything else. The tokenizer pads on the right, so the prompt is the first `mask.sum()` rows, a count
+    the host already has."""
+    text = pipe.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                              add_generation_prompt=True, enable_thinking=True)
+    inputs = pipe.tokenizer([text], padding="max_length", max_length=max_sequence_length, truncation=True,
+                            return_tensors="pt")
+    mask = inputs.attention_mask[0].bool()
+    n_tokens = int(mask.sum())
+    right_padded = bool(mask[:n_tokens].all())  # the prompt's rows come first
+    hidden = pipe.text_encoder(input_ids=inputs.input_ids.to(device), attention_mask=mask[None].to(device),
+                               output_hidden_states=True).hidden_states[-2]
+    if right_padded:
+        return [hidden[0, :n_tokens].contiguous()]
+    return [hidden[0][mask.to(hidden.device)]]  # any other padding: diffusers' own indexing
 
 
 def decode_to_pixels(vae, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
