@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The device calls for issue 19. Run on the device from the repository root; writes under $OUT (8 files come back).
-# Sixth session of 2026-12-07, carry .whl:
+# Sixth session of 2026-12-07, carry .whl and .whl-cfe (nvidia-cudnn-frontend 1.32, cuda-bindings, cuda-pathfinder):
 #   bash bench/device_call.sh overlap 540
 #       Standard 1024², median of 10, the stages overlapped or not in one engine, runs alternating (--ab os), with the
 #       host syncs of one generation listed (--sync-debug): fp8 with the VAE attention as GEMMs (vga), bf16 with it,
-#       then fp8 and bf16 without it (vga's A/B across two engines of the same machine).
+#       then fp8 without it (vga's A/B across two engines of the same machine), cuDNN's 8-bit attention alone
+#       (bench/cudnn_fp8_attention.py), bf16 without vga.
 # Fifth session (carry .whl, .whl-fa4a, then .whl-fa4b):  first 420 / fa4 540 / split 420 (docs/PERFORMANCE.md).
 OUT=${OUT:?set OUT to a folder for the results}
 export PYTHONUNBUFFERED=1
@@ -20,15 +21,22 @@ install_bench_wheels() {  # .whl (diffusers, torchao, ...) into /tmp/site, on th
 
 if [ "$mode" = overlap ]; then  # sixth session: the stages overlapped; the VAE attention as GEMMs end to end
   install_bench_wheels || exit
-  run() {  # $1 name, then latency.py's arguments
+  run() {  # $1 name, then latency.py's arguments; every log in one file (a call brings back 8 files)
     name=$1; shift
     timeout "$(left)" python3 bench/latency.py --model random-full --runs 10 --skip-flops --cache-dir /tmp/zc \
-      --shapes Standard:1:1 "$@" --out "$OUT/lat-$name.json" > "$OUT/lat-$name.log" 2>&1
-    echo "latency $name: rc=$? at $((SECONDS - start)) s"; grep -E '^\{' "$OUT/lat-$name.log" | cut -c1-1500
+      --shapes Standard:1:1 "$@" --out "$OUT/lat-$name.json" > /tmp/lat-$name.log 2>&1
+    echo "latency $name: rc=$? at $((SECONDS - start)) s"; grep -E '^\{' /tmp/lat-$name.log | cut -c1-1500
+    { echo "==== $name"; cat /tmp/lat-$name.log; } >> "$OUT/logs.txt"
   }
   run fp8-vga --variants compiled+native+fp8+vga --ab os --sync-debug
   run bf16-vga --variants compiled+native+vga --ab os
   [ "$(left)" -gt 120 ] && run fp8 --variants compiled+native+fp8 --ab os
+  if [ -d .whl-cfe ] && [ "$(left)" -gt 50 ]; then  # cuDNN's 8-bit attention against its bf16 one (next lever?)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl-cfe/*.whl
+    timeout 50 python3 bench/cudnn_fp8_attention.py --out "$OUT/cudnn-fp8.json" > /tmp/cudnn.log 2>&1
+    echo "cudnn fp8 attention: rc=$? at $((SECONDS - start)) s"; tail -20 /tmp/cudnn.log
+    { echo "==== cudnn"; cat /tmp/cudnn.log; } >> "$OUT/logs.txt"
+  fi
   [ "$(left)" -gt 130 ] && run bf16 --variants compiled+native --ab os
   exit
 fi
