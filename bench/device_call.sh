@@ -6,6 +6,8 @@
 #       host syncs of one generation listed (--sync-debug): fp8 with the VAE attention as GEMMs (vga), bf16 with it,
 #       then fp8 without it (vga's A/B across two engines of the same machine), cuDNN's 8-bit attention alone
 #       (bench/cudnn_fp8_attention.py), bf16 without vga.
+#   call 2, carry .whl:  VGA=+vga bash bench/device_call.sh presets 540   (VGA= where vga lost)
+#       the default configuration on the four presets (5 runs each), then Standard profiled (--profile-out).
 # Fifth session (carry .whl, .whl-fa4a, then .whl-fa4b):  first 420 / fa4 540 / split 420 (docs/PERFORMANCE.md).
 OUT=${OUT:?set OUT to a folder for the results}
 export PYTHONUNBUFFERED=1
@@ -38,6 +40,24 @@ if [ "$mode" = overlap ]; then  # sixth session: the stages overlapped; the VAE 
     { echo "==== cudnn"; cat /tmp/cudnn.log; } >> "$OUT/logs.txt"
   fi
   [ "$(left)" -gt 130 ] && run bf16 --variants compiled+native --ab os
+  exit
+fi
+
+if [ "$mode" = presets ]; then  # sixth session, call 2: the defaults (fp8; VGA=+vga adds the VAE attention as GEMMs) on every preset, then a profile
+  install_bench_wheels || exit
+  vga=${VGA-}  # "+vga" where call 1 measured it faster end to end
+  timeout "$(left)" python3 bench/latency.py --model random-full --runs 5 --skip-flops --cache-dir /tmp/zc --ab '' \
+    --shapes Draft:1:1,Standard:1:1,High:1:1,Ultra:1:1 --variants "compiled+native+fp8$vga" \
+    --out "$OUT/lat-presets.json" > /tmp/presets.log 2>&1
+  echo "presets: rc=$? at $((SECONDS - start)) s"; grep -E '^\{' /tmp/presets.log | cut -c1-700
+  { echo "==== presets"; cat /tmp/presets.log; } >> "$OUT/logs.txt"
+  if [ "$(left)" -gt 100 ]; then
+    timeout "$(left)" python3 bench/latency.py --model random-full --runs 10 --skip-flops --cache-dir /tmp/zc --ab '' \
+      --shapes Standard:1:1 --variants "compiled+native+fp8$vga" --profile-out "$OUT/prof-fp8.json" \
+      --out "$OUT/lat-fp8-profiled.json" > /tmp/prof.log 2>&1
+    echo "profile: rc=$? at $((SECONDS - start)) s"; grep -v '^{' /tmp/prof.log | tail -25
+    { echo "==== profile"; cat /tmp/prof.log; } >> "$OUT/logs.txt"
+  fi
   exit
 fi
 
