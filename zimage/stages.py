@@ -239,7 +239,6 @@ class Stages:
         return result
 
 
-
 class StageClock:
     """Seconds per stage of one generation.
 
