@@ -39,7 +39,8 @@ class Switches:
     vae_split_norm  the compiled decoder's GroupNorms with two-step statistics (groupnorm.py); with vae_compile
     vae_gemm_attention  the decoder's mid-block attention (one head of 512, which flash/cuDNN SDPA cannot take) as
                 two GEMMs and a float32 softmax (vae_attention.py) instead of SDPA's memory-efficient kernel; with
-                vae_compile. Off until an end-to-end A/B: the kernel alone 4.5 -> 2.4 ms at Standard (H100, 2026-12-07)
+                vae_compile. On: decode 30.7 -> 28.8 ms (fp8) and 30.2 -> 28.0 ms (bf16), Standard, H100 2026-12-07
+                (the kernel alone 4.5 -> 2.4 ms)
     fused_projections  q/k/v and w1/w3 as one GEMM each over a shared weight (fusion.py); a transformer that
                 stays resident (not the streamed 12gb profile)
     block_kernels  the main blocks and both refiners scheduled by hand on Triton kernels + the GEMMs, without
@@ -54,7 +55,8 @@ class Switches:
                 attention on the H100 (2026-12-07: fp8 0.5785 -> 0.6096 s, bf16 0.8185 -> 0.8357 s in one engine)
     overlap_stages  the stages (text encode, denoise, decode) queued without a host wait between them, timed by CUDA
                 events, the pixels copied back once at the end (stages.StageClock); the text encoder's padding cut
-                by a length the host knows instead of a device-side mask index (stages.encode_prompt)
+                by a length the host knows instead of a device-side mask index (stages.encode_prompt). On: -2.9 to
+                -6.1 ms a Standard generation (H100, 2026-12-07, one engine each, runs alternating)
     fused_gemms the q/k norm + RoPE in the q/k/v GEMM's epilogue and (bf16) the SwiGLU in the w1/w3 GEMM's
                 (fused_gemm.py, Triton GEMMs on TMA); with block_kernels, a GPU of compute capability >= 9.0. On, for
                 the SwiGLU GEMM only (fused_gemm.USE): bf16 97.0 -> 96.3 ms/step, bit-identical latents; the q/k/v
@@ -93,12 +95,13 @@ class Switches:
     # Standard): bf16 -~37 ms a generation if the Triton GEMMs run at cuBLAS's rate (the SwiGLU kernel's 89 µs and
     # the q/k kernel's 49 µs a block gone; break-even at ~9 % slower GEMMs); fp8 the q/k kernel only, ~-13 ms.
     fused_gemms: bool = True
-    # Off until measured on a GPU. Predicted (H100, Standard): the decoder's attention 4.6 -> ~2-2.6 ms of the 35 ms
-    # decode (bench/attention.py --vae).
-    vae_gemm_attention: bool = False
+    # Predicted (H100, Standard): the decoder's attention 4.6 -> ~2-2.6 ms of the 35 ms decode (bench/attention.py
+    # --vae); measured (2026-12-07, sixth session, two engines each): decode -1.9 ms fp8, -2.2 ms bf16.
+    vae_gemm_attention: bool = True
     # Predicted (H100, Standard): -3 to -6 ms a generation, fp8 and bf16 alike: the ~13 ms of host-only time around
     # the stages (2026-12-07 profile: text encode 4.3, denoise 2.7, decode 4.5 ms of wall beyond the GPU's busy time)
-    # partly hidden behind the previous stage's kernels.
+    # partly hidden behind the previous stage's kernels. Measured (one engine, runs alternating): -2.9 to -4.8 ms
+    # fp8, -3.4 to -6.1 ms bf16.
     overlap_stages: bool = True
     precompile: bool = True  # predicted: fp8 restart 66.8 -> <= 40 s (CPU tiny: first warm-up shape 6.2 -> 0.9 s)
 
