@@ -151,9 +151,9 @@ def release_calls(monkeypatch):
     calls = []
     real = memory.release_memory
 
-    def counting(device):
+    def counting(device, collect=True):
         calls.append(device)
-        real(device)
+        real(device, collect)
 
     monkeypatch.setattr(memory, "release_memory", counting)
     return calls
@@ -360,3 +360,29 @@ def test_no_host_read_between_the_first_and_the_last_model_op(shared_engine, see
     assert "read" not in recorder.ops[first:last], recorder.ops[first:last].count("read")
     assert recorder.ops[last + 1:].count("read") >= 2 * seeds  # each image's flags are read, after the stages
     assert len(result.images) == seeds and set(result.timings) >= {"text_encode", "denoise", "decode", "total"}
+
+
+def test_the_requests_collection_runs_while_waiting_for_the_gpu_not_after(make_engine, monkeypatch):
+    """The per-request gc.collect runs before the host's one wait for the last stage (Stages.while_waiting), where
+    on a GPU it costs the caller nothing, and not again after the pixels are back."""
+    import gc
+
+    from zimage import stages
+
+    engine = make_engine()
+    events = []
+    finish = stages.StageClock.finish
+    monkeypatch.setattr(stages.StageClock, "finish", lambda clock: events.append("wait") or finish(clock))
+
+    def on_gc(phase, info):
+        if phase == "start" and info["generation"] == 2:
+            events.append("collect")
+
+    gc.callbacks.append(on_gc)
+    gc.disable()  # only the engine's own collections
+    try:
+        generate(engine, GenerationRequest("a cat", seed=1, **SMALL))
+    finally:
+        gc.enable()
+        gc.callbacks.remove(on_gc)
+    assert events == ["collect", "wait"]

@@ -109,8 +109,10 @@ class Engine:
         self.compiled = False
         self.speed_switches: list[str] = []  # speed.apply_switches: what else was switched on (VAE compile, ...)
         self._compile_cache = None  # compile_cache.prepare's handle: saved compiled artifacts for these settings
-        # Cache release after every request (gc + empty_cache). Off only to measure what it costs.
+        # Cache release after every request (gc + empty_cache). Off only to measure what it costs. Its collection
+        # runs while the host waits for the request's last kernels (Stages.while_waiting), off the caller's time.
         self.release_after_request = True
+        self._collected = False  # this request's collection ran while waiting for the GPU
         self._state, self._detail = EngineState.LOADING, ""
         self._warm_report: tuple[dict, ...] = ()
         self._frozen_mark: tuple[int, int] | None = None  # graphs compiled/captured at the last gc.freeze
@@ -245,6 +247,7 @@ class Engine:
             self.stages = Stages(pipe, self.placement, self.device, self.settings.embed_cache, self._note_oom,
                                  self.stats)
             self.stages.overlap = speed.switches().overlap_stages
+            self.stages.while_waiting = self._collect_while_waiting
             if self.stages.overlap and self.device.startswith("cuda"):
                 self.speed_switches.append("overlap_stages")
             phase("loras, compile set-up")
@@ -348,7 +351,6 @@ class Engine:
         if self._state is EngineState.WARMING:
             self._warm_report = tuple(warm_report or ())
             compile_cache.store(self._compile_cache)  # after warm-up: what it compiled
-            gc.collect()
             self._freeze_what_compiled(always=True)  # and everything loaded
             self._state = EngineState.READY
             log.info("engine ready")
@@ -359,10 +361,11 @@ class Engine:
         Standard generation). So they are frozen (gc.freeze) once made: at ready, and after any generation --
         warm-up's, or a request's at a shape warm-up never ran -- that compiled or captured a new graph. Call it
         right after a full collection: a frozen object is still freed by its reference count, but cyclic garbage
-        frozen with it would stay."""
+        frozen with it would stay: so it collects first."""
         dynamo = sys.modules.get("torch._dynamo.utils")  # not imported: nothing compiled (importing it costs ~1 s)
         mark = (dynamo.counters["stats"]["unique_graphs"] if dynamo else 0, cudagraph.captures_total())
         if always or mark != self._frozen_mark:
+            gc.collect()
             gc.freeze()
             self._frozen_mark = mark
 
@@ -421,11 +424,19 @@ class Engine:
             finally:
                 self.stats.inflight -= 1
                 if self.release_after_request:
-                    memory.release_memory(self.device)
+                    memory.release_memory(self.device, collect=not self._collected)
                     self._freeze_what_compiled()
+                self._collected = False
                 log.debug("request done in %.3fs", time.perf_counter() - started)
         finally:
             self._gpu_lock.release()
+
+    def _collect_while_waiting(self) -> None:
+        """The per-request collection, run while the host would only wait for the GPU (measured ~2 ms of a
+        Standard request's cleanup on the H100, 2026-12-07)."""
+        if self.release_after_request:
+            gc.collect()
+            self._collected = True
 
     def _check_available(self, allow_warming: bool) -> None:
         self.status().check(allow_warming)

@@ -80,9 +80,11 @@ def configure_allocator() -> None:
         os.environ["PYTORCH_ALLOC_CONF"] = "expandable_segments:True"
 
 
-def release_memory(device: str) -> None:
-    """Drop unreachable tensors and hand cached GPU blocks back to the driver."""
-    gc.collect()
+def release_memory(device: str, collect: bool = True) -> None:
+    """Drop unreachable tensors and hand cached GPU blocks back to the driver. `collect` False: the caller has just
+    collected (the engine does it while the host waits for a generation's last kernels)."""
+    if collect:
+        gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
 

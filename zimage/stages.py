@@ -73,6 +73,7 @@ class Stages:
         self.report_oom = report_oom
         self.stats = stats  # the engine's EngineStats
         self.overlap = True  # queue the stages without waiting between them (switch overlap_stages; StageClock)
+        self.while_waiting: Callable[[], None] | None = None  # run before the wait for the last stage (the engine's)
         self._embed_cache: collections.OrderedDict[str, list[torch.Tensor]] = collections.OrderedDict()
         self.task_pipes = task_pipelines(pipe)
         for task_pipe in self.task_pipes.values():
@@ -124,6 +125,8 @@ class Stages:
                     lambda: self.decode(latents, tiled=True), "tiled VAE decode", recoveries))
                 pending.append((pixels, finite, latents_finite))
                 del latents
+        if self.while_waiting is not None:
+            self.while_waiting()  # host work that fits while the device finishes the last stage
         timings = clock.finish()  # the one wait for the device
         images = []
         for index, (seed, item) in enumerate(zip(job.seeds, pending)):
