@@ -39,7 +39,7 @@ class Switches:
     vae_split_norm  the compiled decoder's GroupNorms with two-step statistics (groupnorm.py); with vae_compile
     vae_gemm_attention  the decoder's mid-block attention (one head of 512, which flash/cuDNN SDPA cannot take) as
                 two GEMMs and a float32 softmax (vae_attention.py) instead of SDPA's memory-efficient kernel; with
-                vae_compile. On: decode 30.7 -> 28.8 ms (fp8) and 30.2 -> 28.0 ms (bf16), Standard, H100 2026-12-07
+                vae_compile. On: decode 30.9 -> 28.9 ms (fp8) and 30.2 -> 28.0 ms (bf16), Standard, H100 2026-12-07
                 (the kernel alone 4.5 -> 2.4 ms)
     fused_projections  q/k/v and w1/w3 as one GEMM each over a shared weight (fusion.py); a transformer that
                 stays resident (not the streamed 12gb profile)
