@@ -170,6 +170,31 @@ def overlap_ab(engine: Engine, v: dict, tier: str, aspect: str, runs: int) -> di
     return report
 
 
+def vae_attention_ab(engine: Engine, v: dict, tier: str, aspect: str, runs: int) -> dict:
+    """The same engine with the VAE decoder's attention the other way (vae_attention.py's GEMMs or SDPA), `runs`
+    timed runs after one untimed generation that recompiles the decoder and captures its graphs for that side; then
+    back, with one more untimed generation. Decode and wall medians."""
+    from zimage import vae_attention
+
+    vae = engine.pipeline.vae
+    gemm = any(isinstance(a.processor, vae_attention.GemmAttnProcessor) for a in vae_attention._attentions(vae))
+    graphs = cudagraph.decode_graphs(vae)
+
+    def use(on: bool) -> None:
+        vae_attention.install(vae) if on else vae_attention.uninstall(vae)
+        if graphs is not None:
+            graphs.clear()  # a graph replays the kernels it captured
+        run(engine, request_for(v, tier, aspect, 1234))
+
+    use(not gemm)
+    try:
+        walls, rows = timed_runs(engine, v, tier, aspect, runs)
+    finally:
+        use(gemm)
+    return {"gemm_attention": not gemm, **{k: round(x, 4) for k, x in summarize(walls).items()},
+            "decode_s": round(statistics.median(r.timings["decode"] for r in rows), 4)}
+
+
 def host_syncs(engine: Engine, request: GenerationRequest) -> list[dict]:
     """Where one generation makes the host wait for the GPU: torch's sync debug mode warns at every synchronizing
     call; each is reported once with its count and the innermost project/diffusers frames that made it."""
@@ -227,7 +252,7 @@ def count_flops(engine: Engine, request: GenerationRequest) -> dict:
 
 
 SCHEDULE_TOGGLES = {"fa8": "fp8_attention", "fg": "fused_gemms"}  # --ab tokens that flip a fastblocks.Schedule switch
-AB_TOKENS = ("dg", "cg", "sg", "bk", "os", *SCHEDULE_TOGGLES)
+AB_TOKENS = ("dg", "cg", "sg", "bk", "os", "vga", *SCHEDULE_TOGGLES)
 
 
 def ab_tokens(text: str) -> set[str]:
@@ -277,6 +302,9 @@ def run_variant(args, spec: str, flops_cache: dict, reference: dict, results: li
             nodg = {k: round(x, 4) for k, x in summarize(nodg_walls).items()}
             nodg["decode_s"] = round(statistics.median(r.timings["decode"] for r in nodg_rows), 4)
             nodg["engine_total_s"] = round(statistics.median(r.timings["total"] for r in nodg_rows), 4)
+        novga = None
+        if "vga" in args.ab:  # vga: the VAE decoder's attention the other way (GEMMs <-> SDPA)
+            novga = vae_attention_ab(engine, v, tier, aspect, args.runs)
         noos = None
         if "os" in args.ab and engine.stages is not None:  # os: the stages' overlap the other way, runs alternating
             noos = overlap_ab(engine, v, tier, aspect, args.runs)
@@ -388,7 +416,7 @@ def run_variant(args, spec: str, flops_cache: dict, reference: dict, results: li
             "floor_s_at_bf16_peak": round(flops / (BF16_PEAK_TFLOPS * 1e12), 4),
             "describe": engine.describe(), "compile_stats": compiled_stats, "e2e_s_graphs_off": nocg,
             "e2e_s_block_kernels_off": nobk, "e2e_s_step_graphs_off": nosg, "e2e_s_decode_graphs_off": nodg,
-            "overlap_stages_ab": noos,
+            "overlap_stages_ab": noos, "vae_gemm_attention_ab": novga,
             **toggled,
             "host_syncs": syncs,
             "decode_graphs": ({"captures": decode_graphs.captures, "replays": decode_graphs.replays}
@@ -419,6 +447,8 @@ def run_variant(args, spec: str, flops_cache: dict, reference: dict, results: li
         summary.update({k: v for k, v in entry.items() if k.startswith("e2e_s_") and v})  # the same engine's A/Bs
         if noos:
             summary["overlap_stages_ab"] = noos
+        if novga:
+            summary["vae_gemm_attention_ab"] = novga
         for key, ab in toggled.items():
             summary[key] = {k: v for k, v in ab.items() if k != "profile"}
         print(json.dumps(summary), flush=True)
@@ -542,6 +572,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ab", default="dg,cg,sg,bk", type=ab_tokens,
                     help="the same-engine A/Bs to run, comma-separated (empty: none): dg decode graphs off, cg block "
                          "graphs off, sg step graphs off, bk block kernels off, os the stages' overlap (runs alternating), "
+                         "vga the VAE decoder's attention (GEMMs or SDPA), "
                          "fg the GEMMs with epilogues and fa8 "
                          "the blocks' 8-bit attention"
                          "switched the other way (with its latents' rel-L2)")
