@@ -59,10 +59,14 @@ def encode_length(n_tokens: int) -> int:
     return min(MAX_SEQUENCE_LENGTH, -(-n_tokens // ENCODE_BUCKET) * ENCODE_BUCKET)
 
 
-def count_prompt_tokens(tokenizer, prompt: str) -> int:
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+def chat_text(tokenizer, prompt: str) -> str:
+    """The prompt in the chat template, as ZImagePipeline gives it to the tokenizer."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                          add_generation_prompt=True, enable_thinking=True)
-    return len(tokenizer(text).input_ids)  # as the pipeline tokenizes it
+
+
+def count_prompt_tokens(tokenizer, prompt: str) -> int:
+    return len(tokenizer(chat_text(tokenizer, prompt)).input_ids)  # as the pipeline tokenizes it
 
 
 class Stages:
@@ -297,9 +301,7 @@ def encode_prompt(pipe, prompt: str, device, max_sequence_length: int) -> list[t
     the attention mask on the device, an `aten::nonzero` that makes the host wait for the whole encoder before it
     can queue anything else. The tokenizer pads on the right, so the prompt is the first `mask.sum()` rows, a count
     the host already has."""
-    text = pipe.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                              add_generation_prompt=True, enable_thinking=True)
-    inputs = pipe.tokenizer([text], padding="max_length", max_length=max_sequence_length, truncation=True,
+    inputs = pipe.tokenizer([chat_text(pipe.tokenizer, prompt)], padding="max_length", max_length=max_sequence_length, truncation=True,
                             return_tensors="pt")
     mask = inputs.attention_mask[0].bool()
     n_tokens = int(mask.sum())
