@@ -1,6 +1,13 @@
 #!/usr/bin/env bash
 # The device calls for issue 19. Run on the device from the repository root; writes under $OUT (8 files come back).
-# Sixth session of 2026-12-07, carry .whl and .whl-cfe (nvidia-cudnn-frontend 1.32, cuda-bindings, cuda-pathfinder):
+# Seventh session of 2026-12-07:
+#   call 1, carry .whl and .whl-cfe (+ nvmath-python, cuda-core):  bash bench/device_call.sh caption 560
+#       cuBLASLt's algorithms for the four block GEMMs (bench/gemm_algos.py), then Standard 1024², median of 10, the
+#       caption refiner once per generation or at every step in one engine, runs alternating (--ab co): fp8, bf16;
+#       then every preset with the defaults (5 runs each).
+#   call 2, carry .whl and .whl-svc (the gradio stack):  bash bench/device_call.sh restart 560
+#       the app's restart with an empty and a warm --cache-dir (bench/coldstart.py), then the consumer profiles.
+# Sixth session, carry .whl and .whl-cfe (nvidia-cudnn-frontend 1.32, cuda-bindings, cuda-pathfinder):
 #   bash bench/device_call.sh overlap 540
 #       Standard 1024², median of 10, the stages overlapped or not in one engine, runs alternating (--ab os), with the
 #       host syncs of one generation listed (--sync-debug): fp8 with the VAE attention as GEMMs (vga), bf16 with it,
@@ -11,7 +18,7 @@
 # Fifth session (carry .whl, .whl-fa4a, then .whl-fa4b):  first 420 / fa4 540 / split 420 (docs/PERFORMANCE.md).
 OUT=${OUT:?set OUT to a folder for the results}
 export PYTHONUNBUFFERED=1
-mode=${1:?overlap, first, fa4 or split}
+mode=${1:?caption, restart, overlap, presets, first, fa4 or split}
 start=$SECONDS
 budget=${2:-540}
 left() { echo $((budget - (SECONDS - start))); }
@@ -20,26 +27,60 @@ install_bench_wheels() {  # .whl (diffusers, torchao, ...) into /tmp/site, on th
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
 }
+log_to_out() {  # $1 name, $2 log file: appended to one file under $OUT (a call brings back 8 files)
+  { echo "==== $1"; cat "$2"; } >> "$OUT/logs.txt"
+}
+latency_run() {  # $1 name, then latency.py's arguments (Standard 1024², 10 runs unless they say otherwise)
+  name=$1; shift
+  timeout "$(left)" python3 bench/latency.py --model random-full --runs 10 --skip-flops --cache-dir /tmp/zc \
+    --shapes Standard:1:1 "$@" --out "$OUT/lat-$name.json" > /tmp/lat-$name.log 2>&1
+  echo "latency $name: rc=$? at $((SECONDS - start)) s"; grep -E '^\{' /tmp/lat-$name.log | cut -c1-1800
+  log_to_out "$name" /tmp/lat-$name.log
+}
+
+if [ "$mode" = caption ]; then  # seventh session, call 1
+  install_bench_wheels || exit
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+    .whl-cfe/cuda_*.whl .whl-cfe/nvmath_python-*.whl
+  timeout 120 python3 bench/gemm_algos.py --budget 100 --out "$OUT/gemm-algos.json" > /tmp/gemm.log 2>&1
+  echo "gemm algorithms: rc=$? at $((SECONDS - start)) s"; grep -v '^{' /tmp/gemm.log | tail -8
+  log_to_out gemm /tmp/gemm.log
+  latency_run fp8-co --variants compiled+native+fp8 --ab co
+  latency_run bf16-co --variants compiled+native --ab co
+  [ "$(left)" -gt 150 ] && latency_run presets --runs 5 --ab '' --shapes Draft:1:1,Standard:1:1,High:1:1,Ultra:1:1 \
+    --variants compiled+native+fp8
+  exit
+fi
+
+if [ "$mode" = restart ]; then  # seventh session, call 2: the app's restart, then the consumer profiles
+  install_bench_wheels || exit
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl-svc/*.whl || exit
+  timeout 260 python3 bench/coldstart.py --model random-full --cache-dir /tmp/zcs --runs cold,warm --timeout 200 \
+    --out "$OUT/coldstart.json" > /tmp/cs.log 2>&1
+  echo "coldstart: rc=$? at $((SECONDS - start)) s"; tail -12 /tmp/cs.log
+  log_to_out coldstart /tmp/cs.log
+  for cap in 16 12; do
+    [ "$(left)" -gt 100 ] || break
+    timeout "$(left)" python3 bench/vram.py --profile ${cap}gb --limit $cap --compile on \
+      --requests Standard:10,High:3,Ultra:2 --cache-dir /tmp/zv --out "$OUT/vram$cap.json" > /tmp/vram$cap.log 2>&1
+    echo "vram ${cap}gb: rc=$? at $((SECONDS - start)) s"; tail -8 /tmp/vram$cap.log
+    log_to_out vram$cap /tmp/vram$cap.log
+  done
+  exit
+fi
 
 if [ "$mode" = overlap ]; then  # sixth session: the stages overlapped; the VAE attention as GEMMs end to end
   install_bench_wheels || exit
-  run() {  # $1 name, then latency.py's arguments; every log in one file (a call brings back 8 files)
-    name=$1; shift
-    timeout "$(left)" python3 bench/latency.py --model random-full --runs 10 --skip-flops --cache-dir /tmp/zc \
-      --shapes Standard:1:1 "$@" --out "$OUT/lat-$name.json" > /tmp/lat-$name.log 2>&1
-    echo "latency $name: rc=$? at $((SECONDS - start)) s"; grep -E '^\{' /tmp/lat-$name.log | cut -c1-1500
-    { echo "==== $name"; cat /tmp/lat-$name.log; } >> "$OUT/logs.txt"
-  }
-  run fp8-vga --variants compiled+native+fp8+vga --ab os --sync-debug
-  run bf16-vga --variants compiled+native+vga --ab os
-  [ "$(left)" -gt 120 ] && run fp8 --variants compiled+native+fp8 --ab os
+  latency_run fp8-vga --variants compiled+native+fp8+vga --ab os --sync-debug
+  latency_run bf16-vga --variants compiled+native+vga --ab os
+  [ "$(left)" -gt 120 ] && latency_run fp8 --variants compiled+native+fp8 --ab os
   if [ -d .whl-cfe ] && [ "$(left)" -gt 50 ]; then  # cuDNN's 8-bit attention against its bf16 one (next lever?)
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl-cfe/*.whl
     timeout 50 python3 bench/cudnn_fp8_attention.py --out "$OUT/cudnn-fp8.json" > /tmp/cudnn.log 2>&1
     echo "cudnn fp8 attention: rc=$? at $((SECONDS - start)) s"; tail -20 /tmp/cudnn.log
     { echo "==== cudnn"; cat /tmp/cudnn.log; } >> "$OUT/logs.txt"
   fi
-  [ "$(left)" -gt 130 ] && run bf16 --variants compiled+native --ab os
+  [ "$(left)" -gt 130 ] && latency_run bf16 --variants compiled+native --ab os
   exit
 fi
 

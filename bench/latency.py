@@ -38,6 +38,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -61,7 +62,8 @@ ATTENTION = {"native": "native", "cudnn": "_native_cudnn", "flash": "_native_fla
 SWITCH_TOKENS = {"rope": "real_rope", "vaec": "vae_compile", "cg": "block_graphs", "encg": "encoder_graphs",
                  "gn": "vae_split_norm", "fuse": "fused_projections", "kern": "fused_kernels",
                  "bk": "block_kernels", "sg": "step_graphs", "dg": "decode_graphs", "fa8": "fp8_attention",
-                 "fg": "fused_gemms", "vga": "vae_gemm_attention", "os": "overlap_stages"}
+                 "fg": "fused_gemms", "vga": "vae_gemm_attention", "os": "overlap_stages",
+                 "co": "caption_once"}
 
 
 def parse_variant(spec: str) -> dict:
@@ -146,20 +148,24 @@ def timed_runs(engine: Engine, v: dict, tier: str, aspect: str, runs: int) -> tu
     return walls, rows
 
 
-def overlap_ab(engine: Engine, v: dict, tier: str, aspect: str, runs: int) -> dict:
-    """The same engine with the stages overlapped and not (stages.StageClock), `runs` each, alternating so that the
-    GPU's clock drift over the runs falls on both sides alike: wall and stage medians per side."""
+def alternating_ab(engine: Engine, v: dict, tier: str, aspect: str, runs: int, current: bool,
+                   use: Callable[[bool], None]) -> dict:
+    """The same engine with a switch on and off (`use(side)` sets it), `runs` each, alternating so that the GPU's
+    clock drift over the runs falls on both sides alike, after one untimed run per side (a side that changes what
+    the step graphs capture captures there): wall and stage medians per side, on minus off."""
     sides = {True: ([], []), False: ([], [])}
-    overlap = engine.stages.overlap
     try:
+        for side in (not current, current):
+            use(side)
+            run(engine, request_for(v, tier, aspect, 1234))
         for _ in range(runs):
-            for side in (overlap, not overlap):
-                engine.stages.overlap = side
+            for side in (current, not current):
+                use(side)
                 walls, rows = timed_runs(engine, v, tier, aspect, 1)
                 sides[side][0].extend(walls)
                 sides[side][1].extend(rows)
     finally:
-        engine.stages.overlap = overlap
+        use(current)
     report = {}
     for side, (walls, rows) in sides.items():
         report["on" if side else "off"] = {
@@ -167,6 +173,38 @@ def overlap_ab(engine: Engine, v: dict, tier: str, aspect: str, runs: int) -> di
             **{f"{stage}_s": round(statistics.median(r.timings[stage] for r in rows), 4)
                for stage in ("text_encode", "denoise", "decode", "total")}}
     report["delta_ms"] = round(1000 * (report["on"]["median"] - report["off"]["median"]), 2)
+    return report
+
+
+def overlap_ab(engine: Engine, v: dict, tier: str, aspect: str, runs: int) -> dict:
+    """The stages overlapped and not (stages.StageClock), in one engine."""
+    stages = engine.stages
+
+    def use(side: bool) -> None:
+        stages.overlap = side
+
+    return alternating_ab(engine, v, tier, aspect, runs, stages.overlap, use)
+
+
+def caption_once_ab(engine: Engine, v: dict, tier: str, aspect: str, runs: int) -> dict | None:
+    """The caption refiner once per generation and at every step (caption_once.py), in one engine; the latents of
+    one seed both ways."""
+    from zimage import caption_once
+
+    state = caption_once.installed(engine.pipeline.transformer)
+    if state is None:
+        return None
+
+    def use(side: bool) -> None:
+        state.enabled = side
+
+    report = alternating_ab(engine, v, tier, aspect, runs, state.enabled, use)
+    latents = {}
+    for side in (True, False):
+        use(side)
+        latents[side] = run(engine, request_for(v, tier, aspect, 1234), keep_latents=True).latents[0]
+    use(True)
+    report["rel_l2_latents"] = float((latents[True] - latents[False]).norm() / latents[False].norm())
     return report
 
 
@@ -252,7 +290,7 @@ def count_flops(engine: Engine, request: GenerationRequest) -> dict:
 
 
 SCHEDULE_TOGGLES = {"fa8": "fp8_attention", "fg": "fused_gemms"}  # --ab tokens that flip a fastblocks.Schedule switch
-AB_TOKENS = ("dg", "cg", "sg", "bk", "os", "vga", *SCHEDULE_TOGGLES)
+AB_TOKENS = ("dg", "cg", "sg", "bk", "os", "co", "vga", *SCHEDULE_TOGGLES)
 
 
 def ab_tokens(text: str) -> set[str]:
@@ -308,6 +346,7 @@ def run_variant(args, spec: str, flops_cache: dict, reference: dict, results: li
         noos = None
         if "os" in args.ab and engine.stages is not None:  # os: the stages' overlap the other way, runs alternating
             noos = overlap_ab(engine, v, tier, aspect, args.runs)
+        noco = caption_once_ab(engine, v, tier, aspect, args.runs) if "co" in args.ab else None
         nocg = None
         if "cg" in args.ab and hasattr(graphed, "enabled") and graphed.enabled:  # cg: block graphs off
             graphed.enabled = False
@@ -416,7 +455,7 @@ def run_variant(args, spec: str, flops_cache: dict, reference: dict, results: li
             "floor_s_at_bf16_peak": round(flops / (BF16_PEAK_TFLOPS * 1e12), 4),
             "describe": engine.describe(), "compile_stats": compiled_stats, "e2e_s_graphs_off": nocg,
             "e2e_s_block_kernels_off": nobk, "e2e_s_step_graphs_off": nosg, "e2e_s_decode_graphs_off": nodg,
-            "overlap_stages_ab": noos, "vae_gemm_attention_ab": novga,
+            "overlap_stages_ab": noos, "caption_once_ab": noco, "vae_gemm_attention_ab": novga,
             **toggled,
             "host_syncs": syncs,
             "decode_graphs": ({"captures": decode_graphs.captures, "replays": decode_graphs.replays}
@@ -449,6 +488,8 @@ def run_variant(args, spec: str, flops_cache: dict, reference: dict, results: li
             summary["overlap_stages_ab"] = noos
         if novga:
             summary["vae_gemm_attention_ab"] = novga
+        if noco:
+            summary["caption_once_ab"] = noco
         for key, ab in toggled.items():
             summary[key] = {k: v for k, v in ab.items() if k != "profile"}
         print(json.dumps(summary), flush=True)
@@ -572,6 +613,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ab", default="dg,cg,sg,bk", type=ab_tokens,
                     help="the same-engine A/Bs to run, comma-separated (empty: none): dg decode graphs off, cg block "
                          "graphs off, sg step graphs off, bk block kernels off, os the stages' overlap (runs alternating), "
+                         "co the caption refiner once per generation or at every step (runs alternating), "
                          "vga the VAE decoder's attention (GEMMs or SDPA), "
                          "fg the GEMMs with epilogues and fa8 "
                          "the blocks' 8-bit attention"

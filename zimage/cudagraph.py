@@ -62,9 +62,15 @@ class GraphedBlocks(torch.nn.ModuleList):
         # More parts of a graph's key, besides the input shapes: Python state the captured kernels depend on
         # (lora.py adds whether the LoRA branch runs).
         self.key_parts: list = []
+        # The stack's output computed earlier, or None (caption_once.CaptionOnce.reused: the caption refiner's
+        # output is the same at every step of a generation).
+        self.reuse = None
 
     # diffusers iterates the blocks; during graphed inference it gets a single runner instead.
     def __iter__(self):
+        stored = self.reuse() if self.reuse is not None else None
+        if stored is not None:
+            return iter([lambda x, *args: stored if x.shape == stored.shape else self._loop(x, *args)])
         if self._use_runner():
             return iter([self._run])
         return super().__iter__()
@@ -75,7 +81,7 @@ class GraphedBlocks(torch.nn.ModuleList):
         # Inside another capture (GraphedTransformer) the kernels still run; graphs of their own do not nest.
         return self.kernels is not None or (self.enabled and not torch.cuda.is_current_stream_capturing())
 
-    def _loop(self, x, mask, freqs, adaln, noise_mask=None, t_noisy=None, t_clean=None):
+    def _loop(self, x, mask, freqs, adaln=None, noise_mask=None, t_noisy=None, t_clean=None):
         if self.kernels is not None and mask is None and noise_mask is None:
             out = self.kernels.run(list(super().__iter__()), x, freqs, adaln)
             if out is not None:

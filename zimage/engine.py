@@ -238,7 +238,8 @@ class Engine:
             decode_graph_room = memory.room_for_decode_graphs(self.usable_gib, self.fp8, self.lora_reserve_gib)
             self.speed_switches = speed.apply_switches(pipe, self.device, self.compiled, self.placement.profile.name,
                                                        encoder_compiled=encoder_compiled, fused=bool(fused),
-                                                       decode_graph_room=decode_graph_room)
+                                                       decode_graph_room=decode_graph_room,
+                                                       streamed=self.placement.profile.transformer_streamed)
             if fused:
                 from . import fusion  # imports diffusers, as loading did by now
 

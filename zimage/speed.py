@@ -62,6 +62,8 @@ class Switches:
                 the SwiGLU GEMM only (fused_gemm.USE): bf16 97.0 -> 96.3 ms/step, bit-identical latents; the q/k/v
                 ones lost end to end (H100, Triton 3.6, 2026-12-07: both on, fp8 0.591 -> 0.621 s, bf16 0.817 ->
                 0.841 s in one engine; Triton's plain GEMM 17 % under cuBLAS's). fp8 runs no fused GEMM
+    caption_once the caption refiner (two unmodulated blocks over the prompt's tokens) run once per generation, its
+                output reused at the other steps (caption_once.py); any device, a transformer that stays resident
     2026-11-25, second session (fp8, Standard): block_kernels on (74.7 -> 70.7 ms/step in one engine), step_graphs
     on (0.627 -> 0.611 s in one engine; GPU idle 3.2 -> 1.5 ms/step).
     Defaults (measured, H100 2026-11-24, bf16): real_rope on (-3.2 ms/step), vae_compile on (decode 108 -> 45 ms),
@@ -103,6 +105,9 @@ class Switches:
     # partly hidden behind the previous stage's kernels. Measured (one engine, runs alternating): -2.9 to -4.8 ms
     # fp8, -3.4 to -6.1 ms bf16.
     overlap_stages: bool = True
+    # Predicted (H100, Standard): -2 to -3.5 ms a generation, fp8 and bf16 (the caption refiner's two blocks over
+    # 256 tokens, ~0.3-0.5 ms a step, at 7 of the 8 steps); the same latents.
+    caption_once: bool = True
     precompile: bool = True  # predicted: fp8 restart 66.8 -> <= 40 s (CPU tiny: first warm-up shape 6.2 -> 0.9 s)
 
     @classmethod
@@ -345,12 +350,14 @@ def compile_vae_decoder(vae, split_norm: bool = False, gemm_attention: bool = Fa
 
 
 def apply_switches(pipe, device: str, compiled: bool, profile: str, sw: Switches | None = None,
-                   encoder_compiled: bool = False, fused: bool = False, decode_graph_room: bool = False) -> list[str]:
+                   encoder_compiled: bool = False, fused: bool = False, decode_graph_room: bool = False,
+                   streamed: bool = False) -> list[str]:
     """The switches that act after compile was set up (VAE compile, block kernels and graphs, encoder graphs).
     Returns what was applied, for the log and describe(). Real RoPE is applied with the attention backend
     (apply_attention_backend). `encoder_compiled`: the text encoder's layers are compiled and it stays on the GPU
     (not streamed). `fused`: the transformer's projections are fused (fuse_projections). `decode_graph_room`: the
-    GPU has room to keep the VAE decode as CUDA graphs (memory.room_for_decode_graphs)."""
+    GPU has room to keep the VAE decode as CUDA graphs (memory.room_for_decode_graphs). `streamed`: the transformer is
+    streamed from CPU memory block by block (memory.stream_from_cpu)."""
     from . import cudagraph, kernels
 
     sw = sw or switches()
@@ -391,4 +398,11 @@ def apply_switches(pipe, device: str, compiled: bool, profile: str, sw: Switches
     if sw.encoder_graphs and encoder_compiled and on_gpu:
         cudagraph.install_text_encoder(pipe.text_encoder)
         applied.append("encoder_graphs")
+    # After the step graphs (their key says whether the caption is reused). Not for a streamed transformer: its
+    # offload hooks learn the blocks' order from the first forward, and the embedder moves in with the forward.
+    if sw.caption_once and not streamed:
+        from . import caption_once
+
+        if caption_once.install(pipe.transformer) is not None:
+            applied.append("caption_once")
     return applied

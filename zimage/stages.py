@@ -32,7 +32,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from . import cudagraph, memory, presets
+from . import caption_once, cudagraph, memory, presets
 from .request import GenerationCancelled, GenerationResult, Job, OutOfMemory
 from .units import GIB
 
@@ -188,10 +188,11 @@ class Stages:
             inputs = dict(image=init if init is not None else self.prepare(job), strength=job.strength)
             if job.task == "inpaint":
                 inputs["mask_image"] = job.mask
-        out = pipe(**inputs, prompt_embeds=embeds, height=job.height, width=job.width, num_inference_steps=job.steps,
-                        guidance_scale=presets.GUIDANCE_SCALE, generator=torch.Generator("cpu").manual_seed(seed),
-                        output_type="latent", callback_on_step_end=on_step_end,
-                        max_sequence_length=MAX_SEQUENCE_LENGTH)
+        with caption_once.scope(pipe.transformer):
+            out = pipe(**inputs, prompt_embeds=embeds, height=job.height, width=job.width,
+                       num_inference_steps=job.steps, guidance_scale=presets.GUIDANCE_SCALE,
+                       generator=torch.Generator("cpu").manual_seed(seed), output_type="latent",
+                       callback_on_step_end=on_step_end, max_sequence_length=MAX_SEQUENCE_LENGTH)
         return out.images
 
     def prepare(self, job: Job) -> torch.Tensor | None:
