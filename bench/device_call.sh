@@ -7,6 +7,9 @@
 #       then every preset with the defaults (5 runs each).
 #   call 2, carry .whl and .whl-svc (the gradio stack):  bash bench/device_call.sh restart 560
 #       the app's restart with an empty and a warm --cache-dir (bench/coldstart.py), then the consumer profiles.
+#   call 3, carry .whl and .whl-cfe:  bash bench/device_call.sh lt 560
+#       every cuBLASLt candidate through zimage/lt_gemm.py, bf16 and e4m3 (bench/gemm_algos.py), then Standard fp8 and
+#       bf16 with the blocks' GEMMs on the timed algorithms, and off in the same engine (--ab lt).
 # Sixth session, carry .whl and .whl-cfe (nvidia-cudnn-frontend 1.32, cuda-bindings, cuda-pathfinder):
 #   bash bench/device_call.sh overlap 540
 #       Standard 1024², median of 10, the stages overlapped or not in one engine, runs alternating (--ab os), with the
@@ -18,7 +21,7 @@
 # Fifth session (carry .whl, .whl-fa4a, then .whl-fa4b):  first 420 / fa4 540 / split 420 (docs/PERFORMANCE.md).
 OUT=${OUT:?set OUT to a folder for the results}
 export PYTHONUNBUFFERED=1
-mode=${1:?caption, restart, overlap, presets, first, fa4 or split}
+mode=${1:?caption, restart, lt, overlap, presets, first, fa4 or split}
 start=$SECONDS
 budget=${2:-540}
 left() { echo $((budget - (SECONDS - start))); }
@@ -49,6 +52,19 @@ if [ "$mode" = caption ]; then  # seventh session, call 1
   latency_run bf16-co --variants compiled+native --ab co
   [ "$(left)" -gt 150 ] && latency_run presets --runs 5 --ab '' --shapes Draft:1:1,Standard:1:1,High:1:1,Ultra:1:1 \
     --variants compiled+native+fp8
+  exit
+fi
+
+if [ "$mode" = lt ]; then  # seventh session, call 3 (carry .whl, .whl-cfe): the GEMMs on cuBLASLt's timed algorithms
+  install_bench_wheels || exit
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+    .whl-cfe/cuda_*.whl .whl-cfe/nvmath_python-*.whl
+  timeout 150 python3 bench/gemm_algos.py --budget 120 --out "$OUT/gemm-algos-lt.json" > /tmp/gemm.log 2>&1
+  echo "gemm algorithms: rc=$? at $((SECONDS - start)) s"; grep -v '^{' /tmp/gemm.log | tail -14
+  log_to_out gemm /tmp/gemm.log
+  latency_run fp8-lt --variants compiled+native+fp8+lt --ab lt
+  latency_run bf16-lt --variants compiled+native+lt --ab lt
+  grep -h "cuBLASLt GEMM" /tmp/lat-*-lt.log | sort | uniq -c | head -20
   exit
 fi
 

@@ -63,7 +63,7 @@ SWITCH_TOKENS = {"rope": "real_rope", "vaec": "vae_compile", "cg": "block_graphs
                  "gn": "vae_split_norm", "fuse": "fused_projections", "kern": "fused_kernels",
                  "bk": "block_kernels", "sg": "step_graphs", "dg": "decode_graphs", "fa8": "fp8_attention",
                  "fg": "fused_gemms", "vga": "vae_gemm_attention", "os": "overlap_stages",
-                 "co": "caption_once"}
+                 "co": "caption_once", "lt": "lt_gemms"}
 
 
 def parse_variant(spec: str) -> dict:
@@ -289,7 +289,7 @@ def count_flops(engine: Engine, request: GenerationRequest) -> dict:
     return {"total": counter.get_total_flops(), "by_module": by_module}
 
 
-SCHEDULE_TOGGLES = {"fa8": "fp8_attention", "fg": "fused_gemms"}  # --ab tokens that flip a fastblocks.Schedule switch
+SCHEDULE_TOGGLES = {"fa8": "fp8_attention", "fg": "fused_gemms", "lt": "lt_gemms"}  # --ab tokens that flip a fastblocks.Schedule switch
 AB_TOKENS = ("dg", "cg", "sg", "bk", "os", "co", "vga", *SCHEDULE_TOGGLES)
 
 
@@ -613,7 +613,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ab", default="dg,cg,sg,bk", type=ab_tokens,
                     help="the same-engine A/Bs to run, comma-separated (empty: none): dg decode graphs off, cg block "
                          "graphs off, sg step graphs off, bk block kernels off, os the stages' overlap (runs alternating), "
-                         "co the caption refiner once per generation or at every step (runs alternating), "
+                         "co the caption refiner once per generation or at every step (runs alternating), lt the blocks' GEMMs "
+                         "on cuBLASLt with timed algorithms or torch's, "
                          "vga the VAE decoder's attention (GEMMs or SDPA), "
                          "fg the GEMMs with epilogues and fa8 "
                          "the blocks' 8-bit attention"

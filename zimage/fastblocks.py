@@ -39,7 +39,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from . import fp8, fused_gemm, kernels
+from . import fp8, fused_gemm, kernels, lt_gemm
 from . import fp8_attention as attention8
 from .fusion import base_linear
 
@@ -74,8 +74,12 @@ class _Block:
     def ready(self) -> bool:
         return not any(m.active for m in self.loras)
 
-    def gemm(self, linear, rows, rows_scale):
-        """rows (e4m3 with per-row scales, or bf16) times the Linear's (fused) weight."""
+    def gemm(self, linear, rows, rows_scale, lt=None):
+        """rows (e4m3 with per-row scales, or bf16) times the Linear's (fused) weight; `lt`: an lt_gemm.LtGemms."""
+        if lt is not None:
+            out = lt.linear(rows, linear.weight, rows_scale, linear.weight_scale if self.fp8 else None)
+            if out is not None:
+                return out
         if self.fp8:
             return fp8.scaled_mm(rows, rows_scale, linear.weight, linear.weight_scale, None, torch.bfloat16)
         return F.linear(rows, linear.weight)
@@ -114,8 +118,10 @@ def _describe(block) -> "_Block | None":
 class Schedule:
     """The schedules of a block stack (`transformer.layers`), built on first use."""
 
-    def __init__(self, allow_cpu: bool = False, fp8_attention: bool = False, fused_gemms: bool = False):
+    def __init__(self, allow_cpu: bool = False, fp8_attention: bool = False, fused_gemms: bool = False,
+                 lt_gemms: bool = False):
         self.blocks: list[_Block] | None = None
+        self.lt_gemms = lt_gemms  # the GEMMs on cuBLASLt with timed algorithms (lt_gemm.py) where it is installed
         self.fp8_attention = fp8_attention  # attention on 8-bit operands (fp8_attention.py) where its shapes fit
         self.fused_gemms = fused_gemms  # GEMMs with the next row kernel in their epilogue (fused_gemm.py)
         self.layers: tuple = ()  # the modules `blocks` was planned for (a plan that failed is kept too)
@@ -147,11 +153,12 @@ class Schedule:
         head = x.shape[-1] // blocks[0].heads  # the q/k epilogue's tile is one head: a power of two
         fused = (self.fused_gemms and head in (16, 32, 64, 128, 256)
                  and (fused_gemm.available(x.device) if x.is_cuda else kernels._interpreting()))
-        return run_blocks(blocks, x, freqs, adaln, self.fp8_attention, fused)
+        lt = lt_gemm.gemms() if self.lt_gemms and x.is_cuda and lt_gemm.available(x.device) else None
+        return run_blocks(blocks, x, freqs, adaln, self.fp8_attention, fused, lt)
 
 
 def run_blocks(blocks: list[_Block], x: torch.Tensor, freqs: torch.Tensor, adaln: torch.Tensor | None,
-               fp8_attention: bool = False, fused_gemms: bool = False) -> torch.Tensor:
+               fp8_attention: bool = False, fused_gemms: bool = False, lt=None) -> torch.Tensor:
     batch, seq, dim = x.shape
     rows = batch * seq
     quant = blocks[0].fp8
@@ -179,7 +186,7 @@ def run_blocks(blocks: list[_Block], x: torch.Tensor, freqs: torch.Tensor, adaln
                 h, h_scale, b.qkv.weight, b.qkv.weight_scale if quant else None, q_weight, k_weight, freqs,
                 b.heads, b.qk_eps))
         else:
-            qkv = b.gemm(b.qkv, h, h_scale)
+            qkv = b.gemm(b.qkv, h, h_scale, lt)
             qk = kernels.qk_norm_rope(qkv, q_weight, k_weight, freqs, b.heads, b.qk_eps)
             q, k, v = qk[0].view(shape), qk[1].view(shape), qkv[:, 2 * dim:].view(shape)
         o = attention8.attention(q, k, v) if fp8_attention and attention8.supported(q) else b.attend(q, k, v)
@@ -187,14 +194,14 @@ def run_blocks(blocks: list[_Block], x: torch.Tensor, freqs: torch.Tensor, adaln
             o, o_scale = kernels.quantize_heads(o)
         else:
             o, o_scale = o.reshape(rows, dim), None
-        attn = b.gemm(b.out, o, o_scale)
+        attn = b.gemm(b.out, o, o_scale, lt)
         x, h, h_scale = kernels.residual_norm(x, seq, b.eps, branch=attn, branch_weight=norm2, gate=part(mod, 1),
                                               weight=ffn_norm1, scale=part(mod, 2), quant=quant)
         if swiglu_epilogue:
             g, g_scale = fused_gemm.swiglu(h, b.w13.weight), None
         else:
-            g, g_scale = kernels.swiglu(b.gemm(b.w13, h, h_scale), quant=quant)
-        ffn = b.gemm(b.w2, g, g_scale)
+            g, g_scale = kernels.swiglu(b.gemm(b.w13, h, h_scale, lt), quant=quant)
+        ffn = b.gemm(b.w2, g, g_scale, lt)
         nxt = blocks[i + 1] if i + 1 < len(blocks) else None
         x, h, h_scale = kernels.residual_norm(
             x, seq, b.eps, branch=ffn, branch_weight=ffn_norm2, gate=part(mod, 3),

@@ -62,6 +62,8 @@ class Switches:
                 the SwiGLU GEMM only (fused_gemm.USE): bf16 97.0 -> 96.3 ms/step, bit-identical latents; the q/k/v
                 ones lost end to end (H100, Triton 3.6, 2026-12-07: both on, fp8 0.591 -> 0.621 s, bf16 0.817 ->
                 0.841 s in one engine; Triton's plain GEMM 17 % under cuBLAS's). fp8 runs no fused GEMM
+    lt_gemms    the blocks' GEMMs on cuBLASLt with the algorithm picked by timing the heuristic's candidates on a shape's
+                first call (lt_gemm.py; nvmath-python); with block_kernels, compute capability >= 9.0
     caption_once the caption refiner (two unmodulated blocks over the prompt's tokens) run once per generation, its
                 output reused at the other steps (caption_once.py); any device, a transformer that stays resident
     2026-11-25, second session (fp8, Standard): block_kernels on (74.7 -> 70.7 ms/step in one engine), step_graphs
@@ -108,6 +110,9 @@ class Switches:
     # Predicted (H100, Standard): -2 to -3.5 ms a generation, fp8 and bf16 (the caption refiner's two blocks over
     # 256 tokens, ~0.3-0.5 ms a step, at 7 of the 8 steps); the same latents.
     caption_once: bool = True
+    # Off until measured end to end. Predicted (H100, Standard): bf16 -0.6 ms a step (the q/k/v GEMM 503.9 -> 484.6
+    # us in bench/gemm_algos.py; w1/w3 runs fused_gemms' Triton GEMM); fp8: what bench/gemm_algos.py finds.
+    lt_gemms: bool = False
     precompile: bool = True  # predicted: fp8 restart 66.8 -> <= 40 s (CPU tiny: first warm-up shape 6.2 -> 0.9 s)
 
     @classmethod
@@ -358,7 +363,7 @@ def apply_switches(pipe, device: str, compiled: bool, profile: str, sw: Switches
     (not streamed). `fused`: the transformer's projections are fused (fuse_projections). `decode_graph_room`: the
     GPU has room to keep the VAE decode as CUDA graphs (memory.room_for_decode_graphs). `streamed`: the transformer is
     streamed from CPU memory block by block (memory.stream_from_cpu)."""
-    from . import cudagraph, kernels
+    from . import cudagraph, kernels, lt_gemm
 
     sw = sw or switches()
     applied = []
@@ -376,11 +381,13 @@ def apply_switches(pipe, device: str, compiled: bool, profile: str, sw: Switches
     for name in cudagraph.STACKS if block_kernels else ("layers",) if block_graphs else ():
         stack = cudagraph.install(pipe.transformer, name)
         stack.enabled = block_graphs and name == "layers"
-        stack.kernels = (fastblocks.Schedule(fp8_attention=sw.fp8_attention, fused_gemms=sw.fused_gemms)
-                         if block_kernels else None)
+        stack.kernels = (fastblocks.Schedule(fp8_attention=sw.fp8_attention, fused_gemms=sw.fused_gemms,
+                                             lt_gemms=sw.lt_gemms) if block_kernels else None)
     applied += [name for name, on in (("block_kernels", block_kernels), ("block_graphs", block_graphs),
                                       ("fp8_attention", block_kernels and sw.fp8_attention),
-                                      ("fused_gemms", block_kernels and sw.fused_gemms)) if on]
+                                      ("fused_gemms", block_kernels and sw.fused_gemms),
+                                      ("lt_gemms", block_kernels and sw.lt_gemms and lt_gemm.available(device)))
+                if on]
     step_graphs = None
     if sw.step_graphs and compiled and on_gpu and profile == "full":
         step_graphs = cudagraph.install_transformer(pipe.transformer)
