@@ -30,6 +30,10 @@ install_bench_wheels() {  # .whl (diffusers, torchao, ...) into /tmp/site, on th
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
 }
+install_nvmath() {  # nvmath-python and its CUDA Python packages (.whl-cfe), for lt_gemm.py and bench/gemm_algos.py
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+    .whl-cfe/cuda_*.whl .whl-cfe/nvmath_python-*.whl
+}
 log_to_out() {  # $1 name, $2 log file: appended to one file under $OUT (a call brings back 8 files)
   { echo "==== $1"; cat "$2"; } >> "$OUT/logs.txt"
 }
@@ -42,9 +46,7 @@ latency_run() {  # $1 name, then latency.py's arguments (Standard 1024², 10 run
 }
 
 if [ "$mode" = caption ]; then  # seventh session, call 1
-  install_bench_wheels || exit
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
-    .whl-cfe/cuda_*.whl .whl-cfe/nvmath_python-*.whl
+  install_bench_wheels && install_nvmath || exit
   timeout 120 python3 bench/gemm_algos.py --budget 100 --out "$OUT/gemm-algos.json" > /tmp/gemm.log 2>&1
   echo "gemm algorithms: rc=$? at $((SECONDS - start)) s"; grep -v '^{' /tmp/gemm.log | tail -8
   log_to_out gemm /tmp/gemm.log
@@ -56,9 +58,7 @@ if [ "$mode" = caption ]; then  # seventh session, call 1
 fi
 
 if [ "$mode" = lt ]; then  # seventh session, call 3 (carry .whl, .whl-cfe): the GEMMs on cuBLASLt's timed algorithms
-  install_bench_wheels || exit
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
-    .whl-cfe/cuda_*.whl .whl-cfe/nvmath_python-*.whl
+  install_bench_wheels && install_nvmath || exit
   timeout 150 python3 bench/gemm_algos.py --budget 120 --out "$OUT/gemm-algos-lt.json" > /tmp/gemm.log 2>&1
   echo "gemm algorithms: rc=$? at $((SECONDS - start)) s"; grep -v '^{' /tmp/gemm.log | tail -14
   log_to_out gemm /tmp/gemm.log

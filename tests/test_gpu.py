@@ -103,3 +103,27 @@ def test_fp8_attention_kernel_matches_its_reference_at_full_length():
         assert rel_l2(out, reference) < 0.02
         assert abs(float((out * reference).sum() / (reference * reference).sum()) - 1) < 1e-3
         assert torch.isfinite(out).all()
+
+
+def test_lt_gemms_match_torch_with_every_candidate():
+    """zimage/lt_gemm.py's cuBLASLt call, bf16 and rowwise e4m3, against F.linear and torch._scaled_mm: the algorithm
+    picked by timing, and every other candidate of the heuristic (split-K ones round differently, not worse)."""
+    from zimage import fp8, lt_gemm
+
+    if not lt_gemm.available("cuda"):
+        pytest.skip("needs nvmath-python and compute capability >= 9.0")
+    gemms = lt_gemm.gemms()
+    gen = torch.Generator("cuda").manual_seed(0)
+    for rows, k, n in ((4352, 3840, 11520), (300, 10240, 3840)):
+        x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) * k ** -0.5
+        (xq, x_scale), (wq, w_scale) = fp8.quantize_rows(x), fp8.quantize_rows(w)
+        w_scale = w_scale.reshape(1, -1).contiguous()
+        for args, reference in (((x, w), torch.nn.functional.linear(x, w)),
+                                ((xq, wq, x_scale, w_scale), fp8.scaled_mm(xq, x_scale, wq, w_scale, None,
+                                                                           torch.bfloat16))):
+            out = gemms.linear(*args)
+            assert out is not None and out.dtype == torch.bfloat16 and out.shape == (rows, n)
+            assert rel_l2(out.float(), reference.float()) < 1e-3
+            shape = gemms.shapes[(rows, k, n, args[0].dtype == torch.float8_e4m3fn, x.device)]
+            assert shape.tuned and len(shape.times_us) == len(shape.candidates)

@@ -327,3 +327,13 @@ def test_decode_graph_capture_bookkeeping(monkeypatch):
     graphed.enabled = True
     monkeypatch.setattr(cudagraph, "capture", lambda fn, device, pool: 1 / 0)
     assert graphed._capture("d", a) is None and not graphed.enabled
+
+
+def test_lt_gemms_stay_off_where_cublaslt_cannot_run():
+    """The cuBLASLt GEMMs need a CUDA GPU of compute capability >= 9.0 and nvmath-python; elsewhere the switch applies
+    nothing and the blocks call torch."""
+    from zimage import lt_gemm
+
+    assert not lt_gemm.available("cpu")
+    pipe = types.SimpleNamespace(vae=object(), transformer=object(), text_encoder=object())
+    assert "lt_gemms" not in speed.apply_switches(pipe, "cpu", False, "full", sw=speed.Switches(lt_gemms=True))
