@@ -140,7 +140,12 @@ class LtGemms:
         args = (x, weight, out, x_scale, weight_scale, workspace, self.alpha, self.beta)
         if not shape.tuned and not torch.cuda.is_current_stream_capturing():
             self._tune(shape, args)
-        shape.launch(shape.algo, *args)
+        try:
+            shape.launch(shape.algo, *args)
+        except Exception as exc:  # noqa: BLE001 - cuBLASLt refused the call (before any launch): torch runs it
+            log.warning("cuBLASLt GEMM %s failed (%s); torch's GEMM runs it", shape.dims, exc)
+            self.shapes[key] = None
+            return None
         return out
 
     def _tune(self, shape: _Shape, args) -> None:
