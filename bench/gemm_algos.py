@@ -112,6 +112,22 @@ def main() -> int:
             report["shapes"][f"{name}-{dtype}"] = row
             with open(args.out, "w") as f:
                 json.dump(report, f, indent=1)
+    if gemms is not None:  # the engine's path: LtGemms.linear, its timing pick, against torch at one shape
+        x = torch.randn(ROWS, 3840, device="cuda", dtype=torch.bfloat16, generator=gen)
+        w = torch.randn(11520, 3840, device="cuda", dtype=torch.bfloat16, generator=gen) * 3840 ** -0.5
+        (xq, x_scale), (wq, w_scale) = fp8.quantize_rows(x), fp8.quantize_rows(w)
+        w_scale = w_scale.reshape(1, -1).contiguous()
+        for label, args, reference in (("bf16", (x, w), F.linear(x, w)),
+                                       ("e4m3", (xq, wq, x_scale, w_scale),
+                                        fp8.scaled_mm(xq, x_scale, wq, w_scale, None, torch.bfloat16))):
+            out = gemms.linear(*args)
+            check = {"ran": out is not None}
+            if out is not None:
+                check["rel_l2"] = float((out.float() - reference.float()).norm() / reference.float().norm())
+                shape = gemms.shapes[(ROWS, 3840, 11520, label == "e4m3", x.device)]
+                check["times_us"] = [round(t, 1) for t in shape.times_us]
+            report[f"linear_check_{label}"] = check
+            print(f"LtGemms.linear {label}: {check}")
     print(f"{'shape':11} {'K':>6} {'N':>6} {'torch us':>9} {'TF/s':>6} {'Lt #0':>8} {'Lt best':>8} {'rank':>4} "
           f"{'gain %':>7} {'tried':>5}")
     step_gain = {"bf16": 0.0, "e4m3": 0.0}
