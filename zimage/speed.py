@@ -107,8 +107,9 @@ class Switches:
     # partly hidden behind the previous stage's kernels. Measured (one engine, runs alternating): -2.9 to -4.8 ms
     # fp8, -3.4 to -6.1 ms bf16.
     overlap_stages: bool = True
-    # Predicted (H100, Standard): -2 to -3.5 ms a generation, fp8 and bf16 (the caption refiner's two blocks over
-    # 256 tokens, ~0.3-0.5 ms a step, at 7 of the 8 steps); the same latents.
+    # Predicted (H100, Standard): -2 to -3.5 ms a generation (the caption refiner's two blocks over 256 tokens at 7 of
+    # the 8 steps). Measured (2026-12-07, one engine, runs alternating): fp8 +1.0 ms, bf16 -1.1 ms, within the noise
+    # (their weights' bytes say ~-0.8 / -1.6 ms); latents bit-identical. On: exact, and 7 of 8 refiner runs fewer.
     caption_once: bool = True
     # Off until measured end to end. Predicted (H100, Standard): bf16 -0.6 ms a step (the q/k/v GEMM 503.9 -> 484.6
     # us in bench/gemm_algos.py; w1/w3 runs fused_gemms' Triton GEMM); fp8: what bench/gemm_algos.py finds.
