@@ -151,13 +151,13 @@ def test_store_never_raises(tmp_path):
 
 def test_engine_uses_the_cache_only_when_compiling(tiny_settings, tmp_path):
     """CPU engine (compile off by default): no artifacts folder appears, describe() lists the switches (the only
-    one not tied to CUDA or compiling: the fused projections)."""
+    ones not tied to CUDA or compiling: the fused projections and the caption refiner once per generation)."""
     from zimage.engine import Engine
 
     engine = Engine.create(tiny_settings.replace(cache_dir=tmp_path))
     engine.mark_ready()
     assert not (tmp_path / "compiled").exists()
-    assert engine.describe()["speed_switches"] == ["fused_projections"]
+    assert engine.describe()["speed_switches"] == ["fused_projections", "caption_once"]
 
 
 RESTART_SCRIPT = r"""
