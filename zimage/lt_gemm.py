@@ -17,6 +17,7 @@ or more; elsewhere `available` says no and the blocks call torch.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import numpy as np
@@ -34,7 +35,12 @@ _OUTER_VEC_32F = 3  # cublasLtMatmulMatrixScale_t
 
 
 def available(device) -> bool:
-    device = torch.device(device)
+    """Whether cuBLASLt GEMMs can run on `device` (asked on every eager block run, so the answer is kept)."""
+    return _available(torch.device(device))
+
+
+@functools.cache
+def _available(device: torch.device) -> bool:
     if device.type != "cuda" or not torch.cuda.is_available() or torch.cuda.get_device_capability(device) < (9, 0):
         return False
     try:
