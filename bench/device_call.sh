@@ -7,9 +7,9 @@
 #       then every preset with the defaults (5 runs each).
 #   call 2, carry .whl and .whl-svc (the gradio stack):  bash bench/device_call.sh restart 560
 #       the app's restart with an empty and a warm --cache-dir (bench/coldstart.py), then the consumer profiles.
-#   call 3, carry .whl and .whl-cfe:  bash bench/device_call.sh lt 560
-#       every cuBLASLt candidate through zimage/lt_gemm.py, bf16 and e4m3 (bench/gemm_algos.py), then Standard fp8 and
-#       bf16 with the blocks' GEMMs on the timed algorithms, and off in the same engine (--ab lt).
+# Eighth session, carry .whl and .whl-cfe:  bash bench/device_call.sh lt 560
+#       Standard fp8 and bf16 with the blocks' GEMMs on cuBLASLt's timed algorithms, and off in the same engine
+#       (--ab lt), then every candidate through zimage/lt_gemm.py, bf16 and e4m3 (bench/gemm_algos.py).
 # Sixth session, carry .whl and .whl-cfe (nvidia-cudnn-frontend 1.32, cuda-bindings, cuda-pathfinder):
 #   bash bench/device_call.sh overlap 540
 #       Standard 1024², median of 10, the stages overlapped or not in one engine, runs alternating (--ab os), with the
@@ -57,14 +57,25 @@ if [ "$mode" = caption ]; then  # seventh session, call 1
   exit
 fi
 
-if [ "$mode" = lt ]; then  # seventh session, call 3 (carry .whl, .whl-cfe): the GEMMs on cuBLASLt's timed algorithms
+if [ "$mode" = lt ]; then  # carry .whl, .whl-cfe: the GEMMs on cuBLASLt's timed algorithms, on and off in one engine
   install_bench_wheels && install_nvmath || exit
-  timeout 150 python3 bench/gemm_algos.py --budget 120 --out "$OUT/gemm-algos-lt.json" > /tmp/gemm.log 2>&1
-  echo "gemm algorithms: rc=$? at $((SECONDS - start)) s"; grep -v '^{' /tmp/gemm.log | tail -14
-  log_to_out gemm /tmp/gemm.log
   latency_run fp8-lt --variants compiled+native+fp8+lt --ab lt
   latency_run bf16-lt --variants compiled+native+lt --ab lt
-  grep -h "cuBLASLt GEMM" /tmp/lat-*-lt.log | sort | uniq -c | head -20
+  python3 - "$OUT"/lat-*-lt.json <<'PY'  # per GEMM shape: the chosen candidate's us against the heuristic's first
+import json, sys
+for path in sys.argv[1:]:
+    for entry in json.load(open(path))["results"][:1]:
+        for c in entry.get("lt_gemm_choices", []):
+            t = c["times_us"]
+            print(path.rsplit("/", 1)[-1], c["rows_in_out"], "e4m3" if c["e4m3"] else "bf16",
+                  f"first {t[0]:.1f} us, chosen #{c['chosen']} {t[c['chosen']]:.1f} us of {len(t)}")
+PY
+  if [ "$(left)" -gt 90 ]; then  # every candidate at M = 4352 through lt_gemm.py, bf16 and e4m3
+    timeout $(($(left) - 20)) python3 bench/gemm_algos.py --budget $(($(left) - 40)) --out "$OUT/gemm-algos-lt.json" \
+      > /tmp/gemm.log 2>&1
+    echo "gemm algorithms: rc=$? at $((SECONDS - start)) s"; grep -v '^{' /tmp/gemm.log | tail -14
+    log_to_out gemm /tmp/gemm.log
+  fi
   exit
 fi
 

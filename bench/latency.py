@@ -478,6 +478,7 @@ def run_variant(args, spec: str, flops_cache: dict, reference: dict, results: li
             a = torch.from_numpy(np.asarray(first.images[0], dtype=np.float32))
             b = torch.from_numpy(np.asarray(ref["image"], dtype=np.float32))
             entry["rel_l2_image"] = round(float((a - b).norm() / b.norm()), 5)
+        entry["lt_gemm_choices"] = lt_gemm_choices()
         results.append(entry)
         out.write_text(json.dumps({"device": device_name(), "torch": torch.__version__, "results": results,
                                    "service": services}, indent=1))
@@ -515,6 +516,16 @@ def run_variant(args, spec: str, flops_cache: dict, reference: dict, results: li
         out.write_text(json.dumps({"device": device_name(), "torch": torch.__version__, "results": results,
                                    "service": services}, indent=1))
     return engine
+
+
+def lt_gemm_choices() -> list[dict]:
+    """The cuBLASLt algorithms timed so far in this process (lt_gemms): per GEMM shape, every candidate's us and the
+    one chosen (the heuristic's first is what torch runs)."""
+    from zimage import lt_gemm
+
+    shapes = lt_gemm._GEMMS.shapes.values() if lt_gemm._GEMMS is not None else []
+    return [{"rows_in_out": list(s.dims), "e4m3": s.fp8, "times_us": [round(t, 1) for t in s.times_us],
+             "chosen": int(np.argmin(s.times_us)) if s.times_us else 0} for s in shapes if s is not None]
 
 
 def service_and_cleanup(engine: Engine, args, runs: int) -> dict:
