@@ -7,7 +7,10 @@
 #       then every preset with the defaults (5 runs each).
 #   call 2, carry .whl and .whl-svc (the gradio stack):  bash bench/device_call.sh restart 560
 #       the app's restart with an empty and a warm --cache-dir (bench/coldstart.py), then the consumer profiles.
-# Eighth session, carry .whl and .whl-cfe:  bash bench/device_call.sh lt 560
+# Eighth session (no machine came; for the next), carry .whl and .whl-cfe:  bash bench/device_call.sh c8 560
+#       tests/test_gpu.py's cuDNN fp8 attention and cuBLASLt checks, then Standard fp8 with cuDNN's 8-bit attention in
+#       the blocks and without it in the same engine (--ab c8), then the cuBLASLt GEMMs the same way, fp8 and bf16.
+#   or:  bash bench/device_call.sh lt 560
 #       Standard fp8 and bf16 with the blocks' GEMMs on cuBLASLt's timed algorithms, and off in the same engine
 #       (--ab lt), then every candidate through zimage/lt_gemm.py, bf16 and e4m3 (bench/gemm_algos.py).
 # Sixth session, carry .whl and .whl-cfe (nvidia-cudnn-frontend 1.32, cuda-bindings, cuda-pathfinder):
@@ -21,7 +24,7 @@
 # Fifth session (carry .whl, .whl-fa4a, then .whl-fa4b):  first 420 / fa4 540 / split 420 (docs/PERFORMANCE.md).
 OUT=${OUT:?set OUT to a folder for the results}
 export PYTHONUNBUFFERED=1
-mode=${1:?caption, restart, lt, overlap, presets, first, fa4 or split}
+mode=${1:?c8, caption, restart, lt, overlap, presets, first, fa4 or split}
 start=$SECONDS
 budget=${2:-540}
 left() { echo $((budget - (SECONDS - start))); }
@@ -54,6 +57,19 @@ if [ "$mode" = caption ]; then  # seventh session, call 1
   latency_run bf16-co --variants compiled+native --ab co
   [ "$(left)" -gt 150 ] && latency_run presets --runs 5 --ab '' --shapes Draft:1:1,Standard:1:1,High:1:1,Ultra:1:1 \
     --variants compiled+native+fp8
+  exit
+fi
+
+if [ "$mode" = c8 ]; then  # carry .whl, .whl-cfe: cuDNN's 8-bit attention in the fp8 blocks, then the cuBLASLt GEMMs
+  install_bench_wheels && install_nvmath || exit
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+    .whl-cfe/nvidia_cudnn_frontend-*.whl || exit
+  timeout 150 python3 -m pytest -q -x tests/test_gpu.py -k "cudnn or lt_gemms" > /tmp/gpu-tests.log 2>&1
+  echo "gpu tests: rc=$? at $((SECONDS - start)) s"; tail -15 /tmp/gpu-tests.log
+  log_to_out gpu-tests /tmp/gpu-tests.log
+  latency_run fp8-c8 --variants compiled+native+fp8+c8 --ab c8
+  [ "$(left)" -gt 150 ] && latency_run fp8-lt --variants compiled+native+fp8 --ab lt
+  [ "$(left)" -gt 150 ] && latency_run bf16-lt --variants compiled+native --ab lt
   exit
 fi
 

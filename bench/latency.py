@@ -9,10 +9,11 @@ A variant is '+'-joined tokens:
     native | cudnn | flash | efficient | fa3 | fa2     attention backend (diffusers names _native_cudnn, ...)
     fa4        FlashAttention-4 through the project's processor (zimage/fastattn.py)
     rope / norope, vaec / novaec, cg / nocg, encg / noencg, gn / nogn, fuse / nofuse, kern / nokern, bk / nobk,
-    sg / nosg, dg / nodg, fa8 / nofa8, fg / nofg, vga / novga    speed switches (zimage/speed.py Switches:
+    sg / nosg, dg / nodg, fa8 / nofa8, fg / nofg, vga / novga, os, co, lt, c8    speed switches (zimage/speed.py Switches:
                real_rope, vae_compile, block_graphs, encoder_graphs, vae_split_norm, fused_projections,
                fused_kernels, block_kernels, step_graphs, decode_graphs, fp8_attention, fused_gemms,
-               vae_gemm_attention); unnamed switches keep their defaults
+               vae_gemm_attention, overlap_stages, caption_once, lt_gemms, cudnn_fp8_attention); unnamed
+               switches keep their defaults
                (ZIMAGE_SPEED for the process)
     fp8        fp8 rowwise transformer (zimage/fp8.py) (embedders, final layer, adaLN kept bf16)
     tec        compile the text encoder's layers too (regional); teg: the same with CUDA graphs
@@ -63,7 +64,7 @@ SWITCH_TOKENS = {"rope": "real_rope", "vaec": "vae_compile", "cg": "block_graphs
                  "gn": "vae_split_norm", "fuse": "fused_projections", "kern": "fused_kernels",
                  "bk": "block_kernels", "sg": "step_graphs", "dg": "decode_graphs", "fa8": "fp8_attention",
                  "fg": "fused_gemms", "vga": "vae_gemm_attention", "os": "overlap_stages",
-                 "co": "caption_once", "lt": "lt_gemms"}
+                 "co": "caption_once", "lt": "lt_gemms", "c8": "cudnn_fp8_attention"}
 
 
 def parse_variant(spec: str) -> dict:
@@ -289,7 +290,7 @@ def count_flops(engine: Engine, request: GenerationRequest) -> dict:
     return {"total": counter.get_total_flops(), "by_module": by_module}
 
 
-SCHEDULE_TOGGLES = {"fa8": "fp8_attention", "fg": "fused_gemms", "lt": "lt_gemms"}  # --ab tokens that flip a fastblocks.Schedule switch
+SCHEDULE_TOGGLES = {"fa8": "fp8_attention", "fg": "fused_gemms", "lt": "lt_gemms", "c8": "cudnn_fp8_attention"}  # --ab tokens that flip a fastblocks.Schedule switch
 AB_TOKENS = ("dg", "cg", "sg", "bk", "os", "co", "vga", *SCHEDULE_TOGGLES)
 
 

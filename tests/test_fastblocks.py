@@ -94,6 +94,48 @@ def test_the_refiners_too(stack, quantize):
     check_against_diffusers(stack, quantize)
 
 
+@pytest.mark.parametrize("stack", ["layers", "noise_refiner", "context_refiner"])
+def test_cudnn_fp8_attention_schedule(stack):
+    """The fp8 blocks with attention on e4m3 operands (q/k scaled by their norms' bound, v by its amax, O written in
+    v's scale and read by to_out with v's descale per row), cuDNN's kernel replaced by its PyTorch reference: as close
+    to diffusers' fp8 blocks as the fp8 schedule is, and no further from the bf16 blocks than 1.3x diffusers' own fp8
+    blocks are. A wrong scale or descale anywhere is off by orders of magnitude."""
+    model = prepared(True)
+    args = block_inputs(model, *inputs(BF16), stack=stack)
+    hidden, freqs, adaln = args[0], args[2], args[3] if len(args) > 3 else None
+    reference = diffusers_blocks(model, hidden, freqs, adaln, stack)
+    with torch.no_grad():
+        schedule = fastblocks.Schedule(allow_cpu=True, cudnn_fp8_attention=True)
+        got = schedule.run(getattr(model, stack), hidden, freqs, adaln)
+    assert got is not None and got.dtype == BF16
+    assert rel_l2(got, reference) <= BOUNDS[True], rel_l2(got, reference)
+    exact = diffusers_blocks(prepared(False), hidden, freqs, adaln, stack)
+    assert rel_l2(got, exact) <= 1.3 * rel_l2(reference, exact) + 1e-3, (rel_l2(got, exact), rel_l2(reference, exact))
+
+
+def test_qk_bound_scales_never_saturate():
+    """A head holding one non-zero value reaches the RMSNorm's bound, sqrt(head) * max|w|: scaled, it lands on the
+    e4m3 maximum and no further, whatever the rotation."""
+    heads, head, rows = 2, 32, 8
+    dim = heads * head
+    q_weight, k_weight = torch.rand(head) + 0.5, torch.rand(head) * 3
+    q_weight[5], k_weight[6] = 4.0, -7.0  # the largest magnitudes, at an even and an odd position
+    qkv = torch.zeros(rows, 3 * dim)
+    qkv[:, 5], qkv[:, dim + head + 6] = 1.0, -2.0  # one value per head: |x|/rms = sqrt(head)
+    qkv[:, 2 * dim:] = torch.randn(rows, dim)
+    angles = torch.rand(rows, head // 2) * 6.3
+    freqs = torch.stack((angles.cos(), angles.sin()), dim=-1).reshape(rows, head)
+    scales = kernels.qk_bound_scales(q_weight, k_weight)
+    qk = kernels._qk_norm_rope_float(qkv, q_weight, k_weight, freqs, heads, 1e-9) * scales[:, None, None]
+    assert qk.abs().amax() <= fp8.E4M3_MAX * (1 + 1e-5)
+    assert qk[0].abs().amax() >= 0.99 * fp8.E4M3_MAX / 2 ** 0.5  # rotated: the pair's norm, shared between two
+    out, v_descale, v_scale = kernels.qkv_e4m3(qkv.to(BF16), q_weight, k_weight, freqs, heads, 1e-9, scales)
+    assert out.dtype == fp8.E4M3 and out.float().isfinite().all()
+    v = qkv[:, 2 * dim:].to(BF16).float()
+    assert torch.allclose(v_descale, v.abs().amax().expand(rows, 1) / fp8.E4M3_MAX)
+    assert torch.allclose(out[2].float() * v_descale, v, rtol=0.07, atol=0)
+
+
 def test_the_wrong_kind_of_call_is_refused():
     """adaln for blocks without modulation, or none for modulated ones: not scheduled (diffusers' blocks run)."""
     model = prepared(False)
@@ -118,10 +160,11 @@ def interpreted(check: str, script: str = __file__) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def check_schedule(fused_gemms: bool = False, modes=(False, True), stacks=("layers", "context_refiner")) -> dict:
+def check_schedule(fused_gemms: bool = False, modes=(False, True), stacks=("layers", "context_refiner"),
+                   cudnn_fp8_attention: bool = False) -> dict:
     """The interpreter rounds to bf16 and e4m3 by truncation, not to nearest, so the bounds are wider than above; a
     wrong index or formula is off by ~1. `fused_gemms`: with the GEMMs' epilogues (tests/test_fused_gemm.py);
-    `modes`: fp8 off and/or on."""
+    `modes`: fp8 off and/or on; `cudnn_fp8_attention`: fp8 attention on e4m3 operands (cuDNN's kernel's reference)."""
     errors = {}
     for quantize in modes:
         model = prepared(quantize)
@@ -130,10 +173,15 @@ def check_schedule(fused_gemms: bool = False, modes=(False, True), stacks=("laye
             hidden, freqs, adaln = args[0], args[2], args[3] if len(args) > 3 else None
             reference = diffusers_blocks(model, hidden, freqs, adaln, stack)
             with torch.no_grad():
-                got = fastblocks.Schedule(allow_cpu=True, fused_gemms=fused_gemms).run(getattr(model, stack), hidden,
+                got = fastblocks.Schedule(allow_cpu=True, fused_gemms=fused_gemms,
+                                          cudnn_fp8_attention=cudnn_fp8_attention).run(getattr(model, stack), hidden,
                                                                                         freqs, adaln)
             errors[f"{stack} fp8={quantize}"] = (rel_l2(got, reference), 0.03 if not quantize else 0.2)
     return errors
+
+
+def check_schedule_e4m3_attention() -> dict:
+    return check_schedule(modes=(True,), cudnn_fp8_attention=True)
 
 
 def check_kernels() -> dict:
@@ -162,6 +210,11 @@ def check_kernels() -> dict:
             y, s = kernels.swiglu(h, quant)
             out[f"swiglu {quant}"] = dequantized(y, s) if quant else y
         out["qk"] = kernels.qk_norm_rope(qkv, w1[:head], w2[:head], freqs, heads, 1e-5)
+        scales = kernels.qk_bound_scales(w1[:head], w2[:head])
+        qkv8, v_descale, v_scale = kernels.qkv_e4m3(qkv, w1[:head], w2[:head], freqs, heads, 1e-5, scales)
+        out["qkv e4m3"] = torch.cat([qkv8[0].float() / scales[0], qkv8[1].float() / scales[1],
+                                     qkv8[2].float() * v_descale])
+        out["v scales e4m3"] = torch.cat([v_descale.flatten(), v_scale])
         out["heads"] = dequantized(*kernels.quantize_heads(o))
         return out
 
@@ -169,12 +222,12 @@ def check_kernels() -> dict:
     got = calls()  # Triton (interpreted): CPU tensors take the kernels under TRITON_INTERPRET=1
     os.environ["TRITON_INTERPRET"] = "0"
     reference = calls()  # the PyTorch references
-    return {name: (rel_l2(got[name], value), 0.1 if "True" in name or name == "heads" else 0.01)
+    return {name: (rel_l2(got[name], value), 0.1 if "True" in name or name == "heads" or "e4m3" in name else 0.01)
             for name, value in reference.items()}
 
 
 @needs_triton
-@pytest.mark.parametrize("check", ["check_kernels", "check_schedule"])
+@pytest.mark.parametrize("check", ["check_kernels", "check_schedule", "check_schedule_e4m3_attention"])
 def test_triton_kernels_interpreted(check):
     errors = interpreted(check)
     assert errors

@@ -127,3 +127,43 @@ def test_lt_gemms_match_torch_with_every_candidate():
             assert rel_l2(out.float(), reference.float()) < 1e-3
             shape = gemms.shapes[(rows, k, n, args[0].dtype == torch.float8_e4m3fn, x.device)]
             assert shape.tuned and len(shape.times_us) == len(shape.candidates)
+
+
+def test_cudnn_fp8_attention_matches_its_reference_inside_a_cuda_graph():
+    """cuDNN's 8-bit attention (zimage/cudnn_attention.py) on the operands kernels.qkv_e4m3 writes, against the
+    PyTorch reference of the same arithmetic and against bf16 attention; then replayed from a CUDA graph on new
+    inputs (the step graphs capture it), where it must give what an eager call gives."""
+    from zimage import cudnn_attention, kernels
+
+    if not cudnn_attention.available("cuda"):
+        pytest.skip("needs nvidia-cudnn-frontend and compute capability >= 9.0")
+    gen = torch.Generator("cuda").manual_seed(0)
+    batch, seq, heads, head = 1, 4352, 30, 128
+    rows, dim = batch * seq, heads * head
+    q_weight, k_weight = (torch.rand(head, device="cuda", generator=gen) + 0.5 for _ in range(2))
+    angles = torch.rand(rows, head // 2, device="cuda", generator=gen) * 6.3
+    freqs = torch.stack((angles.cos(), angles.sin()), dim=-1).reshape(rows, head)
+    scales = kernels.qk_bound_scales(q_weight, k_weight)
+
+    def attend(qkv, attention=cudnn_attention.attention_e4m3):  # O dequantized
+        qkv8, v_descale, v_scale = kernels.qkv_e4m3(qkv, q_weight, k_weight, freqs, heads, 1e-6, scales)
+        q, k, v = (t.view(batch, seq, heads, head) for t in qkv8)
+        o = attention(q, k, v, 1 / scales[0:1], 1 / scales[1:2], v_descale[0], v_scale)
+        return o.float() * v_descale.view(batch, seq, 1, 1)
+
+    qkv = torch.randn(rows, 3 * dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+    got, reference = attend(qkv), attend(qkv, cudnn_attention.attention_e4m3_reference)
+    qk = kernels.qk_norm_rope(qkv, q_weight, k_weight, freqs, heads, 1e-6)
+    exact = torch.nn.functional.scaled_dot_product_attention(
+        *(t.view(batch, seq, heads, head).transpose(1, 2).float() for t in (qk[0], qk[1], qkv[:, 2 * dim:]))
+    ).transpose(1, 2)
+    assert got.isfinite().all()
+    assert rel_l2(got, reference) < 0.08 and rel_l2(got, exact) < 0.1, (rel_l2(got, reference), rel_l2(got, exact))
+    static = qkv.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = attend(static)
+    static.copy_(torch.randn(rows, 3 * dim, device="cuda", dtype=torch.bfloat16, generator=gen))
+    graph.replay()
+    eager = attend(static)
+    assert torch.equal(replayed, eager)

@@ -337,3 +337,14 @@ def test_lt_gemms_stay_off_where_cublaslt_cannot_run():
     assert not lt_gemm.available("cpu")
     pipe = types.SimpleNamespace(vae=object(), transformer=object(), text_encoder=object())
     assert "lt_gemms" not in speed.apply_switches(pipe, "cpu", False, "full", sw=speed.Switches(lt_gemms=True))
+
+
+def test_cudnn_fp8_attention_stays_off_where_it_cannot_run():
+    """cuDNN's 8-bit attention needs a CUDA GPU of compute capability >= 9.0 and nvidia-cudnn-frontend; elsewhere the
+    switch applies nothing, and the fp8 blocks keep their bf16 attention."""
+    from zimage import cudnn_attention
+
+    assert not cudnn_attention.available("cpu")
+    pipe = types.SimpleNamespace(vae=object(), transformer=object(), text_encoder=object())
+    applied = speed.apply_switches(pipe, "cpu", False, "full", sw=speed.Switches(cudnn_fp8_attention=True))
+    assert "cudnn_fp8_attention" not in applied

@@ -13,6 +13,10 @@ one block fused into the first norm of the next, a block is eleven launches (ten
     per-head RMSNorm + RoPE of q and k                                kernels.qk_norm_rope
     attention (FlashAttention-4 where installed, else SDPA; 8-bit with switch fp8_attention)   fp8_attention.py
     attention output -> e4m3; to_out GEMM                             kernels.quantize_heads
+
+With switch `cudnn_fp8_attention` (fp8 weights, cudnn_attention.py) the three middle rows change: the q/k norm + RoPE
+kernel writes q, k and v as e4m3 (kernels.qkv_e4m3), cuDNN's 8-bit attention writes O as e4m3, and the to_out GEMM
+reads it with v's descale as its row scales (no quantize_heads).
     x += tanh(gate_msa) * RMSNorm(attn); RMSNorm(x) * (1 + scale_mlp) -> e4m3     kernels.residual_norm
     w1/w3 GEMM (fused weight); silu(h1) * h3 -> e4m3; w2 GEMM        kernels.swiglu
     x += tanh(gate_mlp) * RMSNorm(ffn); the next block's first norm -> e4m3      kernels.residual_norm
@@ -39,7 +43,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from . import fp8, fused_gemm, kernels, lt_gemm
+from . import cudnn_attention, fp8, fused_gemm, kernels, lt_gemm
 from . import fp8_attention as attention8
 from .fusion import base_linear
 
@@ -70,6 +74,17 @@ class _Block:
         self.fa4 = getattr(processor, "use_fa4", False)
         self.backend = getattr(processor, "_attention_backend", None)
         self.parallel = getattr(processor, "_parallel_config", None)
+        self._qk_scales: tuple = (None, None)  # (the q/k norms' weights' versions and device, (scales, descales))
+
+    def qk_scales(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(2,) float32 e4m3 scales of q and k (kernels.qk_bound_scales) and their reciprocals, made on first use and
+        again only if the norms' weights change (a step graph replays the tensors made before its capture)."""
+        q_weight, k_weight = self.norms[4], self.norms[5]
+        key = (q_weight._version, k_weight._version, torch.device(device))
+        if self._qk_scales[0] != key:
+            scales = kernels.qk_bound_scales(q_weight, k_weight).to(device)
+            self._qk_scales = (key, (scales, 1.0 / scales))
+        return self._qk_scales[1]
 
     def ready(self) -> bool:
         return not any(m.active for m in self.loras)
@@ -119,8 +134,9 @@ class Schedule:
     """The schedules of a block stack (`transformer.layers`), built on first use."""
 
     def __init__(self, allow_cpu: bool = False, fp8_attention: bool = False, fused_gemms: bool = False,
-                 lt_gemms: bool = False):
+                 lt_gemms: bool = False, cudnn_fp8_attention: bool = False):
         self.blocks: list[_Block] | None = None
+        self.cudnn_fp8_attention = cudnn_fp8_attention  # fp8 blocks: cuDNN's 8-bit attention (cudnn_attention.py)
         self.lt_gemms = lt_gemms  # the GEMMs on cuBLASLt with timed algorithms (lt_gemm.py) where it is installed
         self.fp8_attention = fp8_attention  # attention on 8-bit operands (fp8_attention.py) where its shapes fit
         self.fused_gemms = fused_gemms  # GEMMs with the next row kernel in their epilogue (fused_gemm.py)
@@ -154,11 +170,14 @@ class Schedule:
         fused = (self.fused_gemms and head in (16, 32, 64, 128, 256)
                  and (fused_gemm.available(x.device) if x.is_cuda else kernels._interpreting()))
         lt = lt_gemm.gemms() if self.lt_gemms and x.is_cuda and lt_gemm.available(x.device) else None
-        return run_blocks(blocks, x, freqs, adaln, self.fp8_attention, fused, lt)
+        cudnn8 = (self.cudnn_fp8_attention and blocks[0].fp8
+                  and (cudnn_attention.available(x.device) if x.is_cuda else self.allow_cpu))
+        return run_blocks(blocks, x, freqs, adaln, self.fp8_attention, fused, lt, cudnn8)
 
 
 def run_blocks(blocks: list[_Block], x: torch.Tensor, freqs: torch.Tensor, adaln: torch.Tensor | None,
-               fp8_attention: bool = False, fused_gemms: bool = False, lt=None) -> torch.Tensor:
+               fp8_attention: bool = False, fused_gemms: bool = False, lt=None,
+               cudnn_fp8_attention: bool = False) -> torch.Tensor:
     batch, seq, dim = x.shape
     rows = batch * seq
     quant = blocks[0].fp8
@@ -181,20 +200,23 @@ def run_blocks(blocks: list[_Block], x: torch.Tensor, freqs: torch.Tensor, adaln
         mod = mods[i]
         norm1, norm2, ffn_norm1, ffn_norm2, q_weight, k_weight = b.norms
         shape = (batch, seq, b.heads, dim // b.heads)
-        if qkv_epilogue:
-            q, k, v = (t.view(shape) for t in fused_gemm.qkv_norm_rope(
-                h, h_scale, b.qkv.weight, b.qkv.weight_scale if quant else None, q_weight, k_weight, freqs,
-                b.heads, b.qk_eps))
+        if cudnn_fp8_attention:
+            attn = _attention_e4m3(b, h, h_scale, freqs, shape, lt)
         else:
-            qkv = b.gemm(b.qkv, h, h_scale, lt)
-            qk = kernels.qk_norm_rope(qkv, q_weight, k_weight, freqs, b.heads, b.qk_eps)
-            q, k, v = qk[0].view(shape), qk[1].view(shape), qkv[:, 2 * dim:].view(shape)
-        o = attention8.attention(q, k, v) if fp8_attention and attention8.supported(q) else b.attend(q, k, v)
-        if quant:
-            o, o_scale = kernels.quantize_heads(o)
-        else:
-            o, o_scale = o.reshape(rows, dim), None
-        attn = b.gemm(b.out, o, o_scale, lt)
+            if qkv_epilogue:
+                q, k, v = (t.view(shape) for t in fused_gemm.qkv_norm_rope(
+                    h, h_scale, b.qkv.weight, b.qkv.weight_scale if quant else None, q_weight, k_weight, freqs,
+                    b.heads, b.qk_eps))
+            else:
+                qkv = b.gemm(b.qkv, h, h_scale, lt)
+                qk = kernels.qk_norm_rope(qkv, q_weight, k_weight, freqs, b.heads, b.qk_eps)
+                q, k, v = qk[0].view(shape), qk[1].view(shape), qkv[:, 2 * dim:].view(shape)
+            o = attention8.attention(q, k, v) if fp8_attention and attention8.supported(q) else b.attend(q, k, v)
+            if quant:
+                o, o_scale = kernels.quantize_heads(o)
+            else:
+                o, o_scale = o.reshape(rows, dim), None
+            attn = b.gemm(b.out, o, o_scale, lt)
         x, h, h_scale = kernels.residual_norm(x, seq, b.eps, branch=attn, branch_weight=norm2, gate=part(mod, 1),
                                               weight=ffn_norm1, scale=part(mod, 2), quant=quant)
         if swiglu_epilogue:
@@ -207,3 +229,14 @@ def run_blocks(blocks: list[_Block], x: torch.Tensor, freqs: torch.Tensor, adaln
             x, seq, b.eps, branch=ffn, branch_weight=ffn_norm2, gate=part(mod, 3),
             weight=nxt.norms[0] if nxt else None, scale=part(mods[i + 1], 0) if nxt else None, quant=quant)
     return x.view(batch, seq, dim)
+
+
+def _attention_e4m3(b: _Block, h, h_scale, freqs, shape, lt) -> torch.Tensor:
+    """The attention half of an fp8 block on cuDNN's 8-bit attention: e4m3 q/k/v in, e4m3 O out, read by to_out with
+    v's descale as its row scales. Returns to_out's output (rows, dim) bf16."""
+    qk_scale, qk_descale = b.qk_scales(h.device)
+    qkv8, v_descale, v_scale = kernels.qkv_e4m3(b.gemm(b.qkv, h, h_scale, lt), b.norms[4], b.norms[5], freqs,
+                                                b.heads, b.qk_eps, qk_scale)
+    q, k, v = (t.view(shape) for t in qkv8)
+    o = cudnn_attention.attention_e4m3(q, k, v, qk_descale[0:1], qk_descale[1:2], v_descale[0], v_scale)
+    return b.gemm(b.out, o.view(h.shape[0], -1), v_descale, lt)

@@ -8,6 +8,8 @@ main blocks on these kernels and the GEMMs without Inductor:
                     e4m3 per row for the next GEMM (or bf16); either half alone too. One read of each row.
     qk_norm_rope    the q and k heads of the fused q/k/v GEMM's output: per-head RMSNorm, then RoPE, written as
                     (2, rows, dim) bf16 -- q and k in the (B, S, H, D) layout attention reads.
+    qkv_e4m3        qk_norm_rope's q and k, and v, as e4m3 with one scale per tensor: cuDNN's 8-bit attention's
+                    operands (cudnn_attention.py), v's scale also as the to_out GEMM's row scales.
     quantize_heads  the attention output (B, S, H, D), any strides, quantized per row for to_out's fp8 GEMM.
     swiglu          silu(h1) * h3 of the fused w1/w3 output, quantized per row (or bf16).
 
@@ -149,11 +151,16 @@ def qk_norm_rope(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tens
     per = min(cfg["heads"], heads)
     grid = (t.triton.cdiv(rows, cfg["rows"]), 2, t.triton.cdiv(heads, per))
     t.qk_norm_rope_kernel[grid](qkv, qkv.stride(0), out, q_weight, k_weight, freqs, rows, dim, heads, eps,
-                                HEAD=head, ROWS=cfg["rows"], PER=per, num_warps=cfg["num_warps"])
+                                freqs, freqs, freqs, freqs, fp8.E4M3_MAX, fp8._TINY,  # (the e4m3 outputs': unused)
+                                HEAD=head, ROWS=cfg["rows"], PER=per, QUANT=False, num_warps=cfg["num_warps"])
     return out
 
 
 def qk_norm_rope_reference(qkv, q_weight, k_weight, freqs, heads, eps):
+    return _qk_norm_rope_float(qkv, q_weight, k_weight, freqs, heads, eps).to(qkv.dtype)
+
+
+def _qk_norm_rope_float(qkv, q_weight, k_weight, freqs, heads, eps):
     rows, dim = qkv.shape[0], qkv.shape[1] // 3
     cos, sin = freqs.float().unflatten(-1, (-1, 2)).unbind(-1)  # (rows, head/2)
     outs = []
@@ -162,7 +169,50 @@ def qk_norm_rope_reference(qkv, q_weight, k_weight, freqs, heads, eps):
         v0, v1 = v.unflatten(-1, (-1, 2)).unbind(-1)  # (rows, heads, head/2)
         c, s = cos[:, None], sin[:, None]
         outs.append(torch.stack((v0 * c - v1 * s, v0 * s + v1 * c), dim=-1).reshape(rows, dim))
-    return torch.stack(outs).to(qkv.dtype)
+    return torch.stack(outs)
+
+
+def qk_bound_scales(q_weight: torch.Tensor, k_weight: torch.Tensor) -> torch.Tensor:
+    """(2,) float32: the e4m3 scales of q and k after their per-head RMSNorm and RoPE, from the norms' weights alone.
+    A head's RMSNorm output has |x_i| <= sqrt(head) (its mean square is 1), times the weight; RoPE rotates pairs, so
+    each component stays within the pair's norm, <= sqrt(head) * max|w|. That bound maps to the e4m3 maximum, so no
+    value can saturate and no reduction over the activations is needed; typical values land near 448 / sqrt(head)
+    (~40 at 128), far above e4m3's smallest normal (2^-6)."""
+    amax = torch.stack([q_weight.detach().abs().amax(), k_weight.detach().abs().amax()]).float()
+    return fp8.E4M3_MAX / (amax * q_weight.shape[-1] ** 0.5).clamp(min=fp8._TINY)
+
+
+def qkv_e4m3(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, freqs: torch.Tensor, heads: int,
+             eps: float, qk_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The operands of cuDNN's 8-bit attention from the fused q/k/v GEMM's output: q and k as qk_norm_rope computes
+    them, times qk_scale (2,) (qk_bound_scales), and v times 448 / amax|v| (one reduction over v first), all as
+    e4m3. Returns (out (3, rows, dim) e4m3 -- q, k, v in the (B, S, H, D) layout --, v_descale (rows, 1) float32,
+    v_scale (1,) float32): every row of v_descale holds amax|v| / 448, so it is v's descale for attention and, since
+    |O| <= amax|v| (softmax rows sum to one), the to_out GEMM's row scales for O quantized with v_scale."""
+    rows, dim = qkv.shape[0], qkv.shape[1] // 3
+    v_amax = torch.linalg.vector_norm(qkv[:, 2 * dim:], float("inf"), dtype=torch.float32).reshape(1)
+    if not _use_triton(qkv):
+        return qkv_e4m3_reference(qkv, q_weight, k_weight, freqs, heads, eps, qk_scale, v_amax)
+    head = dim // heads
+    out = torch.empty((3, rows, dim), dtype=fp8.E4M3, device=qkv.device)
+    v_descale = torch.empty((rows, 1), dtype=torch.float32, device=qkv.device)
+    v_scale = torch.empty(1, dtype=torch.float32, device=qkv.device)
+    t, cfg = _triton(), CONFIG["qk_norm_rope"]
+    per = min(cfg["heads"], heads)
+    grid = (t.triton.cdiv(rows, cfg["rows"]), 3, t.triton.cdiv(heads, per))
+    t.qk_norm_rope_kernel[grid](qkv, qkv.stride(0), out, q_weight, k_weight, freqs, rows, dim, heads, eps,
+                                qk_scale, v_amax, v_descale, v_scale, fp8.E4M3_MAX, fp8._TINY,
+                                HEAD=head, ROWS=cfg["rows"], PER=per, QUANT=True, num_warps=cfg["num_warps"])
+    return out, v_descale, v_scale
+
+
+def qkv_e4m3_reference(qkv, q_weight, k_weight, freqs, heads, eps, qk_scale, v_amax):
+    rows, dim = qkv.shape[0], qkv.shape[1] // 3
+    qk = _qk_norm_rope_float(qkv, q_weight, k_weight, freqs, heads, eps) * qk_scale.float()[:, None, None]
+    amax = v_amax.float().clamp(min=fp8._TINY)
+    v = qkv[:, 2 * dim:].float() * (fp8.E4M3_MAX / amax)
+    out = torch.cat([qk, v[None]]).clamp(-fp8.E4M3_MAX, fp8.E4M3_MAX).to(fp8.E4M3)
+    return out, (amax / fp8.E4M3_MAX).expand(rows, 1).contiguous(), fp8.E4M3_MAX / amax
 
 
 # ---- attention output -> fp8 ----------------------------------------------------------------------------------
@@ -271,25 +321,43 @@ def _triton():
 
     @triton.jit
     def qk_norm_rope_kernel(qkv_ptr, qkv_stride, out_ptr, q_w_ptr, k_w_ptr, freqs_ptr, rows, dim, heads, eps,
-                            HEAD: tl.constexpr, ROWS: tl.constexpr, PER: tl.constexpr):
-        which = tl.program_id(1)  # 0: q, 1: k
+                            qk_scale_ptr, v_amax_ptr, v_descale_ptr, v_scale_ptr, fp8_max, tiny,
+                            HEAD: tl.constexpr, ROWS: tl.constexpr, PER: tl.constexpr, QUANT: tl.constexpr):
+        which = tl.program_id(1)  # 0: q, 1: k, 2: v (QUANT only: v scaled to e4m3)
         r = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
         rmask = (r < rows)[:, None]
         d = tl.arange(0, HEAD)
-        f = tl.load(freqs_ptr + r[:, None] * HEAD + d[None, :], mask=rmask, other=0.0)
-        cos, sin = tl.split(tl.reshape(f, (ROWS, HEAD // 2, 2)))
-        w = tl.load(q_w_ptr + d).to(tl.float32) * (1 - which) + tl.load(k_w_ptr + d).to(tl.float32) * which
         src = qkv_ptr + r[:, None] * qkv_stride + which * dim + d[None, :]
         dst = out_ptr + which * rows * dim + r[:, None] * dim + d[None, :]
         first = tl.program_id(2) * PER
-        for i in range(PER):
-            h = first + i
-            if h < heads:
-                v = tl.load(src + h * HEAD, mask=rmask, other=0.0).to(tl.float32)
-                v = v * tl.rsqrt(tl.sum(v * v, axis=1) / HEAD + eps)[:, None] * w[None, :]
-                v0, v1 = tl.split(tl.reshape(v, (ROWS, HEAD // 2, 2)))
-                o = tl.reshape(tl.join(v0 * cos - v1 * sin, v0 * sin + v1 * cos), (ROWS, HEAD))
-                tl.store(dst + h * HEAD, o.to(out_ptr.dtype.element_ty), mask=rmask)
+        if which == 2:
+            v_scale = fp8_max / tl.maximum(tl.load(v_amax_ptr), tiny)
+            if tl.program_id(2) == 0:  # v's descale for every row: the to_out GEMM's row scales
+                tl.store(v_descale_ptr + r, tl.zeros((ROWS,), tl.float32) + 1.0 / v_scale, mask=r < rows)
+                if tl.program_id(0) == 0:
+                    tl.store(v_scale_ptr, v_scale)
+            for i in range(PER):
+                h = first + i
+                if h < heads:
+                    v = tl.load(src + h * HEAD, mask=rmask, other=0.0).to(tl.float32) * v_scale
+                    v = tl.minimum(tl.maximum(v, -fp8_max), fp8_max)
+                    tl.store(dst + h * HEAD, v.to(out_ptr.dtype.element_ty), mask=rmask)
+        else:
+            f = tl.load(freqs_ptr + r[:, None] * HEAD + d[None, :], mask=rmask, other=0.0)
+            cos, sin = tl.split(tl.reshape(f, (ROWS, HEAD // 2, 2)))
+            w = tl.load(q_w_ptr + d).to(tl.float32) * (1 - which) + tl.load(k_w_ptr + d).to(tl.float32) * which
+            if QUANT:
+                w = w * tl.load(qk_scale_ptr + which)  # the bound scale (qk_bound_scales) folded into the weight
+            for i in range(PER):
+                h = first + i
+                if h < heads:
+                    v = tl.load(src + h * HEAD, mask=rmask, other=0.0).to(tl.float32)
+                    v = v * tl.rsqrt(tl.sum(v * v, axis=1) / HEAD + eps)[:, None] * w[None, :]
+                    v0, v1 = tl.split(tl.reshape(v, (ROWS, HEAD // 2, 2)))
+                    o = tl.reshape(tl.join(v0 * cos - v1 * sin, v0 * sin + v1 * cos), (ROWS, HEAD))
+                    if QUANT:
+                        o = tl.minimum(tl.maximum(o, -fp8_max), fp8_max)
+                    tl.store(dst + h * HEAD, o.to(out_ptr.dtype.element_ty), mask=rmask)
 
     @triton.jit
     def quantize_heads_kernel(o_ptr, stride_b, stride_s, stride_h, q_ptr, scale_ptr, seq, heads, fp8_max, tiny,

@@ -64,6 +64,9 @@ class Switches:
                 0.841 s in one engine; Triton's plain GEMM 17 % under cuBLAS's). fp8 runs no fused GEMM
     lt_gemms    the blocks' GEMMs on cuBLASLt with the algorithm picked by timing the heuristic's candidates on a shape's
                 first call (lt_gemm.py; nvmath-python); with block_kernels, compute capability >= 9.0
+    cudnn_fp8_attention  the fp8 blocks' attention on cuDNN's 8-bit flash attention, its operands quantized inside
+                the q/k norm + RoPE kernel and its e4m3 output read by to_out's GEMM directly (cudnn_attention.py;
+                nvidia-cudnn-frontend); with block_kernels, fp8 weights, compute capability >= 9.0
     caption_once the caption refiner (two unmodulated blocks over the prompt's tokens) run once per generation, its
                 output reused at the other steps (caption_once.py); any device, a transformer that stays resident
     2026-11-25, second session (fp8, Standard): block_kernels on (74.7 -> 70.7 ms/step in one engine), step_graphs
@@ -114,6 +117,10 @@ class Switches:
     # Off until measured end to end. Predicted (H100, Standard): bf16 -0.6 ms a step (the q/k/v GEMM 503.9 -> 484.6
     # us in bench/gemm_algos.py; w1/w3 runs fused_gemms' Triton GEMM); fp8: what bench/gemm_algos.py finds.
     lt_gemms: bool = False
+    # Off until measured on a GPU (written 2026-12-08 without device time; CPU: Triton's interpreter and a PyTorch
+    # reference for cuDNN's kernel). Predicted (H100, Standard fp8): ~-100 us a block (cuDNN's fp8 kernel 428 -> 309
+    # us, quantize_heads gone, +v's amax and quantization) ~ -25 ms a generation; latents' rel-L2 ~0.02 (--ab c8).
+    cudnn_fp8_attention: bool = False
     precompile: bool = True  # predicted: fp8 restart 66.8 -> <= 40 s (CPU tiny: first warm-up shape 6.2 -> 0.9 s)
 
     @classmethod
@@ -355,6 +362,12 @@ def compile_vae_decoder(vae, split_norm: bool = False, gemm_attention: bool = Fa
     vae._zimage_tiled_eager = True
 
 
+def _fp8_weights(transformer) -> bool:
+    from .fp8 import Fp8Linear
+
+    return any(isinstance(m, Fp8Linear) for m in transformer.modules())
+
+
 def apply_switches(pipe, device: str, compiled: bool, profile: str, sw: Switches | None = None,
                    encoder_compiled: bool = False, fused: bool = False, decode_graph_room: bool = False,
                    streamed: bool = False) -> list[str]:
@@ -364,7 +377,7 @@ def apply_switches(pipe, device: str, compiled: bool, profile: str, sw: Switches
     (not streamed). `fused`: the transformer's projections are fused (fuse_projections). `decode_graph_room`: the
     GPU has room to keep the VAE decode as CUDA graphs (memory.room_for_decode_graphs). `streamed`: the transformer is
     streamed from CPU memory block by block (memory.stream_from_cpu)."""
-    from . import cudagraph, kernels, lt_gemm
+    from . import cudagraph, cudnn_attention, kernels, lt_gemm
 
     sw = sw or switches()
     applied = []
@@ -383,11 +396,14 @@ def apply_switches(pipe, device: str, compiled: bool, profile: str, sw: Switches
         stack = cudagraph.install(pipe.transformer, name)
         stack.enabled = block_graphs and name == "layers"
         stack.kernels = (fastblocks.Schedule(fp8_attention=sw.fp8_attention, fused_gemms=sw.fused_gemms,
-                                             lt_gemms=sw.lt_gemms) if block_kernels else None)
+                                             lt_gemms=sw.lt_gemms, cudnn_fp8_attention=sw.cudnn_fp8_attention)
+                         if block_kernels else None)
     applied += [name for name, on in (("block_kernels", block_kernels), ("block_graphs", block_graphs),
                                       ("fp8_attention", block_kernels and sw.fp8_attention),
                                       ("fused_gemms", block_kernels and sw.fused_gemms),
-                                      ("lt_gemms", block_kernels and sw.lt_gemms and lt_gemm.available(device)))
+                                      ("lt_gemms", block_kernels and sw.lt_gemms and lt_gemm.available(device)),
+                                      ("cudnn_fp8_attention", block_kernels and sw.cudnn_fp8_attention
+                                       and cudnn_attention.available(device) and _fp8_weights(pipe.transformer)))
                 if on]
     step_graphs = None
     if sw.step_graphs and compiled and on_gpu and profile == "full":
