@@ -68,6 +68,7 @@ if [ "$mode" = c8 ]; then  # carry .whl, .whl-cfe: cuDNN's 8-bit attention in th
   echo "gpu tests: rc=$? at $((SECONDS - start)) s"; tail -15 /tmp/gpu-tests.log
   log_to_out gpu-tests /tmp/gpu-tests.log
   latency_run fp8-c8 --variants compiled+native+fp8+c8 --ab c8
+  grep -h "cuDNN fp8 attention" /tmp/lat-fp8-c8.log | sort | uniq -c | head
   [ "$(left)" -gt 150 ] && latency_run fp8-lt --variants compiled+native+fp8 --ab lt
   [ "$(left)" -gt 150 ] && latency_run bf16-lt --variants compiled+native --ab lt
   exit

@@ -139,6 +139,7 @@ def test_cudnn_fp8_attention_matches_its_reference_inside_a_cuda_graph():
         pytest.skip("needs nvidia-cudnn-frontend and compute capability >= 9.0")
     gen = torch.Generator("cuda").manual_seed(0)
     batch, seq, heads, head = 1, 4352, 30, 128
+    assert cudnn_attention.supported("cuda", batch, seq, heads, head)
     rows, dim = batch * seq, heads * head
     q_weight, k_weight = (torch.rand(head, device="cuda", generator=gen) + 0.5 for _ in range(2))
     angles = torch.rand(rows, head // 2, device="cuda", generator=gen) * 6.3

@@ -107,20 +107,44 @@ class _Graph:
         return o
 
 
-_GRAPHS: dict = {}
+_GRAPHS: dict = {}  # (device, batch, tokens, heads, head) -> _Graph, or None where cuDNN refused the shape
+
+
+def _graph(device: torch.device, batch: int, seq: int, heads: int, head: int) -> "_Graph | None":
+    key = (device, batch, seq, heads, head)
+    if key not in _GRAPHS:
+        try:
+            _GRAPHS[key] = _Graph(device, batch, seq, heads, head)
+            log.info("cuDNN fp8 attention: graph built for %s", key[1:])
+        except Exception as exc:  # noqa: BLE001 - e.g. a sequence length its kernels do not take: bf16 attention runs
+            log.warning("cuDNN fp8 attention refused %s (%s); the bf16 attention runs it", key[1:], exc)
+            _GRAPHS[key] = None
+    return _GRAPHS[key]
+
+
+def supported(device, batch: int, seq: int, heads: int, head: int) -> bool:
+    """Whether attention of this shape can run on cuDNN's 8-bit kernel (its graph is built here on the first ask,
+    eagerly: the blocks ask before they quantize anything, and before a step graph captures the shape). A CPU runs the
+    reference, which takes any shape."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return True
+    if not available(device):
+        return False
+    if (device, batch, seq, heads, head) not in _GRAPHS and torch.cuda.is_current_stream_capturing():
+        return False  # no graph can be built inside a capture: this capture keeps the bf16 attention
+    return _graph(device, batch, seq, heads, head) is not None
 
 
 def attention_e4m3(q, k, v, descale_q, descale_k, descale_v, scale_o) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) v for e4m3 q, k, v (B, S, H, D) with unit last stride (contiguous per tensor), each
     the true values times 1 / its descale (one-element float32 tensors); returns O (B, S, H, D) e4m3, the true output
-    times scale_o. CUDA: cuDNN's graph; elsewhere the reference."""
+    times scale_o. CUDA: cuDNN's graph (ask `supported` first); elsewhere the reference."""
     if not q.is_cuda:
         return attention_e4m3_reference(q, k, v, descale_q, descale_k, descale_v, scale_o)
-    key = (q.device, *q.shape)
-    graph = _GRAPHS.get(key)
+    graph = _graph(q.device, *q.shape)
     if graph is None:
-        graph = _GRAPHS[key] = _Graph(q.device, *q.shape)
-        log.info("cuDNN fp8 attention: graph built for %s", tuple(q.shape))
+        raise RuntimeError(f"cuDNN's fp8 attention does not take {tuple(q.shape)} (ask supported() first)")
     return graph(q, k, v, descale_q, descale_k, descale_v, scale_o)
 
 

@@ -171,7 +171,7 @@ class Schedule:
                  and (fused_gemm.available(x.device) if x.is_cuda else kernels._interpreting()))
         lt = lt_gemm.gemms() if self.lt_gemms and x.is_cuda and lt_gemm.available(x.device) else None
         cudnn8 = (self.cudnn_fp8_attention and blocks[0].fp8
-                  and (cudnn_attention.available(x.device) if x.is_cuda else self.allow_cpu))
+                  and cudnn_attention.supported(x.device, x.shape[0], x.shape[1], blocks[0].heads, head))
         return run_blocks(blocks, x, freqs, adaln, self.fp8_attention, fused, lt, cudnn8)
 
 
