@@ -139,6 +139,63 @@ def run(engine: Engine, request: GenerationRequest, keep_latents: bool = False):
     return engine.generate(dataclasses.replace(job, keep_latents=keep_latents))
 
 
+class GpuSampler:
+    """The GPU's SM clock, power, temperature and clock-limit reasons sampled every 100 ms (NVML, on a thread) while
+    the timed runs go: the same code's medians differ between machines (2026-12-07: +2 ms a fp8 step), and this
+    says whether a machine ran slower clocks. Records nothing without a CUDA GPU or nvidia-ml-py."""
+
+    PERIOD_S = 0.1
+
+    def __init__(self):
+        self.samples: list[tuple] = []
+        self._stop = None
+
+    def __enter__(self) -> "GpuSampler":
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+            reasons = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or \
+                pynvml.nvmlDeviceGetCurrentClocksThrottleReasons  # (its name before NVML 12.5)
+        except Exception:  # noqa: BLE001 - no NVML here: nothing to record
+            return self
+        import threading
+
+        self._stop = threading.Event()
+
+        def sample() -> None:
+            while not self._stop.wait(self.PERIOD_S):
+                try:
+                    self.samples.append((
+                        pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM),
+                        pynvml.nvmlDeviceGetPowerUsage(handle) / 1000,
+                        pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU),
+                        reasons(handle)))
+                except Exception:  # noqa: BLE001 - a failed read loses one sample
+                    pass
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._stop is not None:
+            self._stop.set()
+            self._thread.join()
+
+    def summary(self) -> dict:
+        if not self.samples:
+            return {}
+        clocks, power, temp, reasons = zip(*self.samples)
+        seen = 0
+        for r in reasons:
+            seen |= r
+        return {"samples": len(clocks), "sm_mhz_median": statistics.median(clocks), "sm_mhz_min": min(clocks),
+                "power_w_median": round(statistics.median(power), 1), "temp_c_max": max(temp),
+                "clock_event_reasons": hex(seen)}
+
+
 def timed_runs(engine: Engine, v: dict, tier: str, aspect: str, runs: int) -> tuple[list[float], list]:
     """`runs` generations (seeds 1234, 1235, ...): wall seconds each (what a caller waits: stages + cleanup), results."""
     walls, rows = [], []
@@ -330,7 +387,8 @@ def run_variant(args, spec: str, flops_cache: dict, reference: dict, results: li
         first, first_s, first_task_s = firsts[shape]
         if shape not in flops_cache:
             flops_cache[shape] = {"total": 0, "by_module": {}} if args.skip_flops else count_flops(engine, request)
-        walls, rows = timed_runs(engine, v, tier, aspect, args.runs)
+        with GpuSampler() as gpu:
+            walls, rows = timed_runs(engine, v, tier, aspect, args.runs)
         graphed = getattr(engine.pipeline.transformer, "layers", None)
         decode_graphs = cudagraph.decode_graphs(engine.pipeline.vae)
         nodg = None
@@ -480,11 +538,13 @@ def run_variant(args, spec: str, flops_cache: dict, reference: dict, results: li
             b = torch.from_numpy(np.asarray(ref["image"], dtype=np.float32))
             entry["rel_l2_image"] = round(float((a - b).norm() / b.norm()), 5)
         entry["lt_gemm_choices"] = lt_gemm_choices()
+        entry["gpu_during_runs"] = gpu.summary()
         results.append(entry)
         out.write_text(json.dumps({"device": device_name(), "torch": torch.__version__, "results": results,
                                    "service": services}, indent=1))
         summary = {k: entry[k] for k in ("variant", "shape", "e2e_s", "engine_total_s", "cleanup_s", "per_step_ms",
-                                         "text_encode_s", "first_call_s", "first_task_call_s", "peak_vram_gib")}
+                                         "text_encode_s", "first_call_s", "first_task_call_s", "peak_vram_gib",
+                                         "gpu_during_runs")}
         summary.update({k: v for k, v in entry.items() if k.startswith("e2e_s_") and v})  # the same engine's A/Bs
         if noos:
             summary["overlap_stages_ab"] = noos
