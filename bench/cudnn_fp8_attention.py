@@ -22,9 +22,15 @@ import math
 import statistics
 import time
 
+import sys
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from zimage.cudnn_attention import build  # noqa: E402
 
 B, H, D = 1, 30, 128
 SCALE = 1.0 / math.sqrt(D)
@@ -141,13 +147,8 @@ class FrontendSDPA:
         if gen_stats:
             stats.set_output(True).set_dim([B, H, S, 1]).set_stride([H * S, S, 1, 1]).set_data_type(fl)
             t["stats"] = stats
-        g.validate()
-        g.build_operation_graph()
-        g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
-        g.check_support()
-        g.build_plans()
         self.graph, self.t = g, t
-        self.workspace = torch.empty(max(g.get_workspace_size(), 1), dtype=torch.uint8, device="cuda")
+        self.workspace = build(g, "cuda")
 
     def bind(self, q, k, v):
         """Returns (run, output, info) for bf16 BSHD q, k, v; run() is the attention call alone."""

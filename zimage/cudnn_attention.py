@@ -63,6 +63,18 @@ def available(device) -> bool:
     return _available(torch.device(device))
 
 
+def build(graph, device) -> torch.Tensor:
+    """Validate a frontend graph, pick its plan (heuristic A, else the fallback) and build it; returns its workspace.
+    Raises where cuDNN does not support the graph on this GPU."""
+    cudnn = _frontend()
+    graph.validate()
+    graph.build_operation_graph()
+    graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+    graph.check_support()
+    graph.build_plans()
+    return torch.empty(max(graph.get_workspace_size(), 1), dtype=torch.uint8, device=device)
+
+
 class _Graph:
     """One sdpa_fp8 graph over (B, S, H, D) memory (cuDNN's logical (B, H, S, D) dims with BSHD strides)."""
 
@@ -84,13 +96,8 @@ class _Graph:
         for n in ("amax_s", "amax_o"):
             t[n].set_output(True).set_dim(one).set_stride(one).set_data_type(f32)
         t["o"] = o
-        g.validate()
-        g.build_operation_graph()
-        g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
-        g.check_support()
-        g.build_plans()
         self.graph, self.t, self.shape = g, t, (batch, seq, heads, head)
-        self.workspace = torch.empty(max(g.get_workspace_size(), 1), dtype=torch.uint8, device=device)
+        self.workspace = build(g, device)
         scalar = functools.partial(torch.full, (1, 1, 1, 1), dtype=torch.float32, device=device)
         self.constants = {t["scale_s"]: scalar(P_SCALE), t["descale_s"]: scalar(1.0 / P_SCALE),
                           t["amax_s"]: scalar(0.0), t["amax_o"]: scalar(0.0)}  # (the amaxes: written, unread)
