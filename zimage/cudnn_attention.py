@@ -8,9 +8,9 @@ with its operands quantized by separate passes (1058 us in all). Here no pass is
     q, k   scaled by a bound taken from the q/k norms' weights (kernels.qk_bound_scales) inside the q/k norm + RoPE
            kernel, which now writes e4m3 instead of bf16 (kernels.qkv_e4m3);
     v      one amax reduction over v, then scaled to e4m3 in the same kernel;
-    O      written by cuDNN as e4m3 with v's scale (|O| <= amax|v|: softmax rows sum to one), which is what the to_out
-           GEMM reads with v's descale as its row scales -- the attention output's own quantization pass
-           (kernels.quantize_heads) is gone.
+    O      written by cuDNN as e4m3 with v's scale times 15/16 (|O| <= amax|v|: softmax rows sum to one; the headroom
+           covers P's rounding, kernels.O_HEADROOM), which is what the to_out GEMM reads with the inverse as its row
+           scales -- the attention output's own quantization pass (kernels.quantize_heads) is gone.
 
 Hopper cannot write bf16 O from e4m3 inputs ("only supported on Blackwell"), which is why O stays e4m3. The softmax
 probabilities go through e4m3 inside cuDNN with scale 448 (P <= 1), as Transformer Engine does.
@@ -27,6 +27,7 @@ same arithmetic in PyTorch without P's rounding: what a CPU runs (tests/test_fas
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import math
 
@@ -75,13 +76,19 @@ def build(graph, device) -> torch.Tensor:
     return torch.empty(max(graph.get_workspace_size(), 1), dtype=torch.uint8, device=device)
 
 
+@functools.cache
+def _handle(device: torch.device):
+    """One cuDNN handle per device for every graph (its stream is set at each call)."""
+    with torch.cuda.device(device):
+        return _frontend().create_handle()
+
+
 class _Graph:
     """One sdpa_fp8 graph over (B, S, H, D) memory (cuDNN's logical (B, H, S, D) dims with BSHD strides)."""
 
     def __init__(self, device: torch.device, batch: int, seq: int, heads: int, head: int):
         cudnn = _frontend()
-        with torch.cuda.device(device):
-            self.handle = cudnn.create_handle()
+        self.handle = _handle(device)
         dims, strides = [batch, heads, seq, head], [seq * heads * head, head, heads * head, 1]
         one, f32, e4m3 = [1, 1, 1, 1], cudnn.data_type.FLOAT, cudnn.data_type.FP8_E4M3
         g = cudnn.pygraph(io_data_type=e4m3, intermediate_data_type=f32, compute_data_type=f32, handle=self.handle)
@@ -126,6 +133,7 @@ def _graph(device: torch.device, batch: int, seq: int, heads: int, head: int) ->
         except Exception as exc:  # noqa: BLE001 - e.g. a sequence length its kernels do not take: bf16 attention runs
             log.warning("cuDNN fp8 attention refused %s (%s); the bf16 attention runs it", key[1:], exc)
             _GRAPHS[key] = None
+            gc.collect()  # the half-built graph is freed now, not by a later collection inside a graph capture
     return _GRAPHS[key]
 
 

@@ -15,8 +15,8 @@ one block fused into the first norm of the next, a block is eleven launches (ten
     attention output -> e4m3; to_out GEMM                             kernels.quantize_heads
 
 With switch `cudnn_fp8_attention` (fp8 weights, cudnn_attention.py) the three middle rows change: the q/k norm + RoPE
-kernel writes q, k and v as e4m3 (kernels.qkv_e4m3), cuDNN's 8-bit attention writes O as e4m3, and the to_out GEMM
-reads it with v's descale as its row scales (no quantize_heads).
+kernel writes q, k and v as e4m3 (kernels.qkv_e4m3), cuDNN's 8-bit attention writes O as e4m3 in a scale taken from
+v's, and the to_out GEMM reads it with that scale's inverse as its row scales (no quantize_heads).
     x += tanh(gate_msa) * RMSNorm(attn); RMSNorm(x) * (1 + scale_mlp) -> e4m3     kernels.residual_norm
     w1/w3 GEMM (fused weight); silu(h1) * h3 -> e4m3; w2 GEMM        kernels.swiglu
     x += tanh(gate_mlp) * RMSNorm(ffn); the next block's first norm -> e4m3      kernels.residual_norm
@@ -74,17 +74,6 @@ class _Block:
         self.fa4 = getattr(processor, "use_fa4", False)
         self.backend = getattr(processor, "_attention_backend", None)
         self.parallel = getattr(processor, "_parallel_config", None)
-        self._qk_scales: tuple = (None, None)  # (the q/k norms' weights' versions and device, (scales, descales))
-
-    def qk_scales(self, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(2,) float32 e4m3 scales of q and k (kernels.qk_bound_scales) and their reciprocals, made on first use and
-        again only if the norms' weights change (a step graph replays the tensors made before its capture)."""
-        q_weight, k_weight = self.norms[4], self.norms[5]
-        key = (q_weight._version, k_weight._version, torch.device(device))
-        if self._qk_scales[0] != key:
-            scales = kernels.qk_bound_scales(q_weight, k_weight).to(device)
-            self._qk_scales = (key, (scales, 1.0 / scales))
-        return self._qk_scales[1]
 
     def ready(self) -> bool:
         return not any(m.active for m in self.loras)
@@ -233,10 +222,9 @@ def run_blocks(blocks: list[_Block], x: torch.Tensor, freqs: torch.Tensor, adaln
 
 def _attention_e4m3(b: _Block, h, h_scale, freqs, shape, lt) -> torch.Tensor:
     """The attention half of an fp8 block on cuDNN's 8-bit attention: e4m3 q/k/v in, e4m3 O out, read by to_out with
-    v's descale as its row scales. Returns to_out's output (rows, dim) bf16."""
-    qk_scale, qk_descale = b.qk_scales(h.device)
-    qkv8, v_descale, v_scale = kernels.qkv_e4m3(b.gemm(b.qkv, h, h_scale, lt), b.norms[4], b.norms[5], freqs,
-                                                b.heads, b.qk_eps, qk_scale)
+    O's descale as its row scales. Returns to_out's output (rows, dim) bf16."""
+    qkv8, scales, o_descale = kernels.qkv_e4m3(b.gemm(b.qkv, h, h_scale, lt), b.norms[4], b.norms[5], freqs, b.heads,
+                                               b.qk_eps)
     q, k, v = (t.view(shape) for t in qkv8)
-    o = cudnn_attention.attention_e4m3(q, k, v, qk_descale[0:1], qk_descale[1:2], v_descale[0], v_scale)
-    return b.gemm(b.out, o.view(h.shape[0], -1), v_descale, lt)
+    o = cudnn_attention.attention_e4m3(q, k, v, *scales.split(1))
+    return b.gemm(b.out, o.view(h.shape[0], -1), o_descale, lt)

@@ -151,7 +151,7 @@ def qk_norm_rope(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tens
     per = min(cfg["heads"], heads)
     grid = (t.triton.cdiv(rows, cfg["rows"]), 2, t.triton.cdiv(heads, per))
     t.qk_norm_rope_kernel[grid](qkv, qkv.stride(0), out, q_weight, k_weight, freqs, rows, dim, heads, eps,
-                                freqs, freqs, freqs, freqs, fp8.E4M3_MAX, fp8._TINY,  # (the e4m3 outputs': unused)
+                                freqs, freqs, freqs, fp8.E4M3_MAX, fp8._TINY, 1.0,  # (the e4m3 outputs': unused)
                                 HEAD=head, ROWS=cfg["rows"], PER=per, QUANT=False, num_warps=cfg["num_warps"])
     return out
 
@@ -177,42 +177,51 @@ def qk_bound_scales(q_weight: torch.Tensor, k_weight: torch.Tensor) -> torch.Ten
     A head's RMSNorm output has |x_i| <= sqrt(head) (its mean square is 1), times the weight; RoPE rotates pairs, so
     each component stays within the pair's norm, <= sqrt(head) * max|w|. That bound maps to the e4m3 maximum, so no
     value can saturate and no reduction over the activations is needed; typical values land near 448 / sqrt(head)
-    (~40 at 128), far above e4m3's smallest normal (2^-6)."""
+    (~40 at 128), far above e4m3's smallest normal (2^-6). (The kernel takes max|w| from the weights it loads, so a
+    step graph replayed after the weights change still scales by them.)"""
     amax = torch.stack([q_weight.detach().abs().amax(), k_weight.detach().abs().amax()]).float()
     return fp8.E4M3_MAX / (amax * q_weight.shape[-1] ** 0.5).clamp(min=fp8._TINY)
 
 
+# O is written in v's scale times this: |O| <= amax|v| holds for exact softmax rows, but cuDNN rounds P to e4m3 after
+# taking its row sum, so a row of O can exceed amax|v| by up to ~2^-4; the headroom keeps it from saturating.
+O_HEADROOM = 15 / 16
+
+
 def qkv_e4m3(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, freqs: torch.Tensor, heads: int,
-             eps: float, qk_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The operands of cuDNN's 8-bit attention from the fused q/k/v GEMM's output: q and k as qk_norm_rope computes
-    them, times qk_scale (2,) (qk_bound_scales), and v times 448 / amax|v| (one reduction over v first), all as
-    e4m3. Returns (out (3, rows, dim) e4m3 -- q, k, v in the (B, S, H, D) layout --, v_descale (rows, 1) float32,
-    v_scale (1,) float32): every row of v_descale holds amax|v| / 448, so it is v's descale for attention and, since
-    |O| <= amax|v| (softmax rows sum to one), the to_out GEMM's row scales for O quantized with v_scale."""
+    them, times their bound scales (qk_bound_scales), and v times 448 / amax|v| (one reduction over v first), all as
+    e4m3. Returns (out (3, rows, dim) e4m3: q, k, v in the (B, S, H, D) layout; scales (4,) float32: q's, k's and v's
+    descales, then O's scale, 448 / amax|v| * O_HEADROOM; o_descale (rows, 1) float32: 1 / O's scale in every row, the
+    to_out GEMM's row scales for O)."""
     rows, dim = qkv.shape[0], qkv.shape[1] // 3
     v_amax = torch.linalg.vector_norm(qkv[:, 2 * dim:], float("inf"), dtype=torch.float32).reshape(1)
     if not _use_triton(qkv):
-        return qkv_e4m3_reference(qkv, q_weight, k_weight, freqs, heads, eps, qk_scale, v_amax)
+        return qkv_e4m3_reference(qkv, q_weight, k_weight, freqs, heads, eps, v_amax)
     head = dim // heads
     out = torch.empty((3, rows, dim), dtype=fp8.E4M3, device=qkv.device)
-    v_descale = torch.empty((rows, 1), dtype=torch.float32, device=qkv.device)
-    v_scale = torch.empty(1, dtype=torch.float32, device=qkv.device)
+    scales = torch.empty(4, dtype=torch.float32, device=qkv.device)
+    o_descale = torch.empty((rows, 1), dtype=torch.float32, device=qkv.device)
     t, cfg = _triton(), CONFIG["qk_norm_rope"]
     per = min(cfg["heads"], heads)
     grid = (t.triton.cdiv(rows, cfg["rows"]), 3, t.triton.cdiv(heads, per))
     t.qk_norm_rope_kernel[grid](qkv, qkv.stride(0), out, q_weight, k_weight, freqs, rows, dim, heads, eps,
-                                qk_scale, v_amax, v_descale, v_scale, fp8.E4M3_MAX, fp8._TINY,
+                                v_amax, scales, o_descale, fp8.E4M3_MAX, fp8._TINY, O_HEADROOM,
                                 HEAD=head, ROWS=cfg["rows"], PER=per, QUANT=True, num_warps=cfg["num_warps"])
-    return out, v_descale, v_scale
+    return out, scales, o_descale
 
 
-def qkv_e4m3_reference(qkv, q_weight, k_weight, freqs, heads, eps, qk_scale, v_amax):
+def qkv_e4m3_reference(qkv, q_weight, k_weight, freqs, heads, eps, v_amax):
     rows, dim = qkv.shape[0], qkv.shape[1] // 3
-    qk = _qk_norm_rope_float(qkv, q_weight, k_weight, freqs, heads, eps) * qk_scale.float()[:, None, None]
-    amax = v_amax.float().clamp(min=fp8._TINY)
-    v = qkv[:, 2 * dim:].float() * (fp8.E4M3_MAX / amax)
+    qk_scale = qk_bound_scales(q_weight, k_weight)
+    qk = _qk_norm_rope_float(qkv, q_weight, k_weight, freqs, heads, eps) * qk_scale[:, None, None]
+    v_scale = fp8.E4M3_MAX / v_amax.float().clamp(min=fp8._TINY)
+    v = qkv[:, 2 * dim:].float() * v_scale
     out = torch.cat([qk, v[None]]).clamp(-fp8.E4M3_MAX, fp8.E4M3_MAX).to(fp8.E4M3)
-    return out, (amax / fp8.E4M3_MAX).expand(rows, 1).contiguous(), fp8.E4M3_MAX / amax
+    o_scale = v_scale * O_HEADROOM
+    scales = torch.cat([1.0 / qk_scale, 1.0 / v_scale, o_scale])
+    return out, scales, (1.0 / o_scale).expand(rows, 1).contiguous()
 
 
 # ---- attention output -> fp8 ----------------------------------------------------------------------------------
@@ -321,7 +330,7 @@ def _triton():
 
     @triton.jit
     def qk_norm_rope_kernel(qkv_ptr, qkv_stride, out_ptr, q_w_ptr, k_w_ptr, freqs_ptr, rows, dim, heads, eps,
-                            qk_scale_ptr, v_amax_ptr, v_descale_ptr, v_scale_ptr, fp8_max, tiny,
+                            v_amax_ptr, scales_ptr, o_descale_ptr, fp8_max, tiny, o_headroom,
                             HEAD: tl.constexpr, ROWS: tl.constexpr, PER: tl.constexpr, QUANT: tl.constexpr):
         which = tl.program_id(1)  # 0: q, 1: k, 2: v (QUANT only: v scaled to e4m3)
         r = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
@@ -330,12 +339,15 @@ def _triton():
         src = qkv_ptr + r[:, None] * qkv_stride + which * dim + d[None, :]
         dst = out_ptr + which * rows * dim + r[:, None] * dim + d[None, :]
         first = tl.program_id(2) * PER
+        corner = (tl.program_id(0) == 0) & (tl.program_id(2) == 0)  # writes the per-tensor scales
         if which == 2:
             v_scale = fp8_max / tl.maximum(tl.load(v_amax_ptr), tiny)
-            if tl.program_id(2) == 0:  # v's descale for every row: the to_out GEMM's row scales
-                tl.store(v_descale_ptr + r, tl.zeros((ROWS,), tl.float32) + 1.0 / v_scale, mask=r < rows)
-                if tl.program_id(0) == 0:
-                    tl.store(v_scale_ptr, v_scale)
+            if tl.program_id(2) == 0:  # O's descale in every row: the to_out GEMM's row scales
+                tl.store(o_descale_ptr + r, tl.zeros((ROWS,), tl.float32) + 1.0 / (v_scale * o_headroom),
+                         mask=r < rows)
+            if corner:
+                tl.store(scales_ptr + 2, 1.0 / v_scale)
+                tl.store(scales_ptr + 3, v_scale * o_headroom)
             for i in range(PER):
                 h = first + i
                 if h < heads:
@@ -346,8 +358,11 @@ def _triton():
             f = tl.load(freqs_ptr + r[:, None] * HEAD + d[None, :], mask=rmask, other=0.0)
             cos, sin = tl.split(tl.reshape(f, (ROWS, HEAD // 2, 2)))
             w = tl.load(q_w_ptr + d).to(tl.float32) * (1 - which) + tl.load(k_w_ptr + d).to(tl.float32) * which
-            if QUANT:
-                w = w * tl.load(qk_scale_ptr + which)  # the bound scale (qk_bound_scales) folded into the weight
+            if QUANT:  # the bound scale (qk_bound_scales) from the weights just loaded, folded into them
+                scale = fp8_max / tl.maximum(tl.max(tl.abs(w), axis=0) * tl.sqrt(HEAD * 1.0), tiny)
+                w = w * scale
+                if corner:
+                    tl.store(scales_ptr + which, 1.0 / scale)
             for i in range(PER):
                 h = first + i
                 if h < heads:
