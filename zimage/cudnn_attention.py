@@ -103,7 +103,7 @@ class _Graph:
         for n in ("amax_s", "amax_o"):
             t[n].set_output(True).set_dim(one).set_stride(one).set_data_type(f32)
         t["o"] = o
-        self.graph, self.t, self.shape = g, t, (batch, seq, heads, head)
+        self.graph, self.t = g, t
         self.workspace = build(g, device)
         scalar = functools.partial(torch.full, (1, 1, 1, 1), dtype=torch.float32, device=device)
         self.constants = {t["scale_s"]: scalar(P_SCALE), t["descale_s"]: scalar(1.0 / P_SCALE),

@@ -9,7 +9,7 @@ main blocks on these kernels and the GEMMs without Inductor:
     qk_norm_rope    the q and k heads of the fused q/k/v GEMM's output: per-head RMSNorm, then RoPE, written as
                     (2, rows, dim) bf16 -- q and k in the (B, S, H, D) layout attention reads.
     qkv_e4m3        qk_norm_rope's q and k, and v, as e4m3 with one scale per tensor: cuDNN's 8-bit attention's
-                    operands (cudnn_attention.py), v's scale also as the to_out GEMM's row scales.
+                    operands (cudnn_attention.py), and the scale its e4m3 output is written in (from v's).
     quantize_heads  the attention output (B, S, H, D), any strides, quantized per row for to_out's fp8 GEMM.
     swiglu          silu(h1) * h3 of the fused w1/w3 output, quantized per row (or bf16).
 
